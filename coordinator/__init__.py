@@ -1,0 +1,1 @@
+"""sparecycles coordinator: HTTP API, MQTT dispatch, scheduler, quorum, persistent store."""

@@ -1,0 +1,138 @@
+"""Plain records the engine keeps in memory and the store persists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ledger.entries import Credit
+from protocol.tensors import Tensor
+
+from .quorum import Tolerance, Vote
+from .scheduler import JobState, TaskState
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSpec:
+    id: str
+    model: str
+    rows: int
+    replicas: int
+    task_size: int
+    max_results: int
+    tolerance: Tolerance
+    opt_level: int
+    output_names: tuple[str, ...]
+    flops_per_row: int
+    created_at: float
+
+
+@dataclass(slots=True, kw_only=True)
+class TaskRecord:
+    id: str
+    job: str
+    index: int
+    start: int
+    stop: int
+    input_digest: str
+    input_bytes: int
+    state: TaskState = TaskState.OPEN
+    inputs: dict[str, Tensor] | None = None  # held only while open and small enough to go inline
+    attempts: int = 0
+    nodes: set[str] = field(default_factory=set)
+    owners: set[str] = field(default_factory=set)
+    live: set[str] = field(default_factory=set)
+    votes: list[Vote] = field(default_factory=list)
+    last_problem: str | None = None
+    canonical_digest: str | None = None
+    error: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(slots=True, kw_only=True)
+class JobRecord:
+    spec: JobSpec
+    tasks: list[str]
+    state: JobState = JobState.RUNNING
+    verified: int = 0
+    failed: int = 0
+    error: str | None = None
+    failures: list[dict[str, str]] = field(default_factory=list)
+    finished_at: float | None = None
+
+    def status(self) -> dict[str, Any]:
+        s = self.spec
+        total = len(self.tasks)
+        return {
+            "job": s.id, "model": s.model, "state": str(self.state), "rows": s.rows,
+            "replicas": s.replicas, "task_size": s.task_size, "max_results": s.max_results,
+            "tasks": {"total": total, "verified": self.verified, "failed": self.failed,
+                      "open": total - self.verified - self.failed},
+            "error": self.error, "failures": self.failures[:100],
+            "created_at": s.created_at, "finished_at": self.finished_at,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseRecord:
+    id: str
+    task: str
+    job: str
+    node: str
+    owner: str
+    issued_at: float
+    expires_at: float  # wall clock: it crosses to the node
+    deadline: float  # monotonic: what this process times out on
+
+
+# Persistence operations, applied in order, one transaction per batch (group commit).
+@dataclass(frozen=True, slots=True)
+class LeaseIssued:
+    lease: LeaseRecord
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseClosed:
+    lease: str
+    state: str  # reported | expired | released | cancelled | offline
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRecorded:
+    lease: str
+    task: str
+    node: str
+    owner: str
+    output_digest: str
+    problem: str | None
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDecided:
+    task: str
+    state: TaskState
+    canonical_digest: str | None
+    error: str | None
+    accepted_leases: tuple[str, ...]
+    credits: tuple[Credit, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobFinished:
+    job: str
+    state: JobState
+    error: str | None
+    finished_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BlobPut:
+    digest: str
+    data: bytes
+
+
+Op = LeaseIssued | LeaseClosed | ResultRecorded | TaskDecided | JobFinished | BlobPut

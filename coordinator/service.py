@@ -1,0 +1,298 @@
+"""The coordinator process's runtime: the engine, the store, the MQTT connection and the loops
+that feed them. Adapters stay thin: decode, check, call the engine, send, persist."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+import secrets
+import socket
+import time
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import msgpack
+import numpy.typing as npt
+
+from protocol.codec import open_envelope, seal
+from protocol.digests import node_id_from_public_key
+from protocol.errors import PeerError
+from protocol.messages import Assignment, Assignments, Release, Results, WorkRequest
+from protocol.signing import Identity
+from protocol.tensors import Tensor, concat_rows, digest_tensors, tensors_from_wire, tensors_to_wire
+from protocol.topics import Topics, namespace_prefix
+
+from .engine import Engine
+from .jobs import JobOptions, plan_job
+from .quorum import Vote
+from .records import BlobPut, JobRecord
+from .settings import CoordinatorSettings
+from .store import CoordinatorStore, open_store
+
+log = logging.getLogger("sparecycles.coordinator")
+
+
+def decode_tensor_blob(data: bytes) -> dict[str, Tensor]:
+    raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    return tensors_from_wire(raw)
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.store: CoordinatorStore = open_store(settings.db_url)
+        self.identity = Identity.load_or_create(Path(self._key_path()))
+        self.topics = Topics(settings.topic_prefix or namespace_prefix(self.identity.id[:12]))
+        self.engine = Engine(lease_seconds=settings.lease_seconds, max_inline_bytes=settings.max_inline_bytes,
+                             new_id=lambda: secrets.token_hex(16))
+        self.counters: Counter[str] = Counter()
+        self._client: aiomqtt.Client | None = None
+        self._dirty = asyncio.Event()
+        self._flushed = asyncio.Condition()
+        self._flush_seq = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self.connected = asyncio.Event()
+
+    def _key_path(self) -> str:
+        if self.settings.key_path:
+            return self.settings.key_path
+        if self.settings.db_url.startswith("sqlite:///"):
+            return self.settings.db_url[len("sqlite:///"):] + ".key"
+        return str(Path.home() / ".config" / "sparecycles" / "coordinator-memory.key")
+
+    # ---- life cycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._restore()
+        self._tasks = [asyncio.create_task(self._mqtt_loop(), name="mqtt"),
+                       asyncio.create_task(self._persist_loop(), name="persist"),
+                       asyncio.create_task(self._sweep_loop(), name="sweep")]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._flush_now()
+        await self.store.close()
+
+    async def _restore(self) -> None:
+        snap = await self.store.load()
+        by_job: dict[str, list[Any]] = {}
+        tasks_by_id = {t.id: t for t in snap.tasks}
+        for t in snap.tasks:
+            by_job.setdefault(t.job, []).append(t)
+            if t.input_bytes <= self.settings.max_inline_bytes:
+                blob = await self.store.get_blob(t.input_digest)
+                t.inputs = decode_tensor_blob(blob) if blob is not None else None
+        for v in snap.votes:
+            blob = await self.store.get_blob(v.output_digest)
+            if blob is None:
+                continue  # the result's outputs never reached disk: the task simply needs another one
+            arrays = {n: t.to_array() for n, t in decode_tensor_blob(blob).items()}
+            tasks_by_id[v.task].votes.append(Vote(v.lease, v.node, v.owner, v.output_digest, arrays))
+        now, wall = time.monotonic(), time.time()
+        for job in snap.jobs:
+            self.engine.add_job(job, by_job.get(job.spec.id, []))
+        for lease in snap.live_leases:
+            self.engine.restore_lease(replace(lease, deadline=now + max(0.0, lease.expires_at - wall)))
+        resumed = sum(1 for j in snap.jobs if j.state == "running")
+        if snap.jobs:
+            log.info("restored jobs=%d running=%d open_tasks=%d live_leases=%d votes=%d", len(snap.jobs),
+                     resumed, len(snap.tasks), len(snap.live_leases), len(snap.votes))
+        self._mark_dirty()
+
+    # ---- jobs ---------------------------------------------------------------------------------
+    async def create_job(self, meta: Mapping[str, Any], inputs: Mapping[str, npt.NDArray[Any]],
+                         options: JobOptions) -> JobRecord:
+        job, tasks, blobs = plan_job(meta, inputs, options, now_wall=time.time(),
+                                     max_inline_bytes=self.settings.max_inline_bytes)
+        await self.store.create_job(job, tasks, blobs)
+        self.engine.add_job(job, tasks)
+        log.info("job created job=%s rows=%d tasks=%d replicas=%d", job.spec.id, job.spec.rows, len(tasks),
+                 job.spec.replicas)
+        await self._send(self.engine.serve_waiting(now=time.monotonic(), now_wall=time.time()))
+        self._mark_dirty()
+        return job
+
+    async def job_outputs(self, job_id: str) -> dict[str, npt.NDArray[Any]]:
+        await self.flush()
+        digests = await self.store.canonical_digests(job_id)
+        parts = []
+        for d in digests:
+            blob = None if d is None else await self.store.get_blob(d)
+            if blob is None:
+                raise RuntimeError(f"job {job_id} has a task without stored outputs")
+            parts.append(decode_tensor_blob(blob))
+        return {n: t.to_array() for n, t in concat_rows(parts).items()}
+
+    # ---- persistence --------------------------------------------------------------------------
+    def _mark_dirty(self) -> None:
+        if self.engine.ops:
+            self._dirty.set()
+
+    async def _flush_now(self) -> None:
+        ops, self.engine.ops = self.engine.ops, []
+        if ops:
+            await self.store.apply(ops)
+        async with self._flushed:
+            self._flush_seq += 1
+            self._flushed.notify_all()
+
+    async def _persist_loop(self) -> None:
+        # Group commit: whatever accumulated while the previous transaction ran goes in the next.
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._flush_now()
+            except Exception:
+                log.exception("persisting a batch failed; retrying in 1 s")
+                await asyncio.sleep(1)
+                self._dirty.set()
+
+    async def flush(self) -> None:
+        """Wait until every op produced so far is committed."""
+        async with self._flushed:
+            target = self._flush_seq + (2 if self.engine.ops or self._dirty.is_set() else 1)
+            self._dirty.set()
+            await self._flushed.wait_for(lambda: self._flush_seq >= target)
+
+    # ---- MQTT ---------------------------------------------------------------------------------
+    async def _mqtt_loop(self) -> None:
+        host, port = self.settings.broker
+        backoff = 0.2
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    host, port, identifier=f"coord-{self.identity.id[:16]}",
+                    socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                    max_inflight_messages=1000, keepalive=15,
+                ) as client:
+                    self._client = client
+                    for kind in ("work", "result", "status"):
+                        await client.subscribe(self.topics.all_of(kind), qos=1)
+                    self.connected.set()
+                    backoff = 0.2
+                    log.info("mqtt connected broker=%s:%d prefix=%s", host, port, self.topics.prefix)
+                    async for message in client.messages:
+                        await self._on_message(str(message.topic), message.payload)
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                self._client = None
+                log.warning("mqtt connection lost broker=%s:%d error=%r; retrying in %.1fs", host, port,
+                            str(exc), backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _on_message(self, topic: str, payload: Any) -> None:
+        if not isinstance(payload, bytes | bytearray):
+            self.counters["rejected_malformed"] += 1
+            return
+        try:
+            kind, node = self.topics.parse(topic)
+            if kind == "status":
+                if bytes(payload) == b"offline":
+                    await self._send(self.engine.on_node_offline(node, now=time.monotonic(), now_wall=time.time()))
+                return
+            opened = open_envelope(bytes(payload), max_size=self.settings.max_message_bytes)
+            signer = node_id_from_public_key(opened.public_key)
+            msg = opened.message
+            if signer != node or getattr(msg, "node", None) != node:
+                self.counters["rejected_wrong_sender"] += 1
+                log.warning("rejected message topic=%s signer=%s: a node may only write its own topics",
+                            topic, signer)
+                return
+            now, wall = time.monotonic(), time.time()
+            if kind == "work" and isinstance(msg, WorkRequest):
+                await self._send(self.engine.on_work_request(node, msg.owner, msg.slots, msg.seq, now=now,
+                                                             now_wall=wall))
+            elif kind == "work" and isinstance(msg, Release):
+                await self._send(self.engine.on_release(node, msg.leases, now=now, now_wall=wall))
+            elif kind == "result" and isinstance(msg, Results):
+                await self._on_results(node, msg)
+            else:
+                self.counters["rejected_wrong_kind"] += 1
+        except PeerError as exc:
+            self.counters[f"rejected_{exc.reason}"] += 1
+            log.warning("rejected message topic=%s reason=%s detail=%r size=%d", topic, exc.reason, str(exc),
+                        len(payload))
+        finally:
+            self._mark_dirty()
+
+    async def _on_results(self, node: str, msg: Results) -> None:
+        for result in msg.items:
+            rejection = self.engine.check_result(node, result)
+            if rejection is not None:
+                self.counters[f"rejected_{rejection.reason}"] += 1
+                log.info("rejected result lease=%s node=%s reason=%s", result.lease, node, rejection.reason)
+                continue
+            outputs, problem = None, result.error
+            if problem is None:
+                outputs, problem = await self._load_outputs(result.outputs, result.output_digest)
+            wall = time.time()
+            await self._send(self.engine.on_result(node, result, outputs, problem, now=time.monotonic(),
+                                                   now_wall=wall))
+
+    async def _load_outputs(self, inline: Mapping[str, Tensor] | None,
+                            digest: str) -> tuple[dict[str, npt.NDArray[Any]] | None, str | None]:
+        if inline is not None:
+            if digest_tensors(inline) != digest:
+                return None, "outputs do not match their digest"
+            self.engine.ops.append(BlobPut(digest, msgpack.packb(tensors_to_wire(inline), use_bin_type=True)))
+            return {n: t.to_array() for n, t in inline.items()}, None
+        blob = await self.store.get_blob(digest)
+        if blob is None:
+            return None, "outputs were neither inline nor uploaded"
+        try:
+            tensors = decode_tensor_blob(blob)
+        except (PeerError, ValueError) as exc:
+            return None, f"uploaded outputs are malformed: {exc}"
+        return {n: t.to_array() for n, t in tensors.items()}, None
+
+    async def _send(self, outgoing: Mapping[str, list[Assignment]]) -> None:
+        client = self._client
+        for node, items in outgoing.items():
+            if client is None:
+                # No broker right now: the leases expire and the tasks are reissued; nothing is lost.
+                self.counters["assignments_unsent"] += len(items)
+                continue
+            for chunk in _chunks(items, self.settings.max_message_bytes // 2):
+                payload = seal(Assignments(node=node, items=tuple(chunk)), self.identity)
+                try:
+                    await client.publish(self.topics.assign(node), payload, qos=1)
+                except aiomqtt.MqttError as exc:
+                    self.counters["assignments_unsent"] += len(chunk)
+                    log.warning("publishing assignments failed node=%s error=%r", node, str(exc))
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_seconds)
+            try:
+                await self._send(self.engine.sweep(now=time.monotonic(), now_wall=time.time()))
+            finally:
+                self._mark_dirty()
+
+    def health(self) -> dict[str, Any]:
+        states = Counter(str(j.state) for j in self.engine.jobs.values())
+        return {"status": "ok" if self.connected.is_set() else "degraded",
+                "broker_connected": self.connected.is_set(), "jobs": dict(states),
+                "nodes_waiting": self.engine.live_nodes(), "live_leases": len(self.engine.leases),
+                "counters": dict(self.counters + self.engine.counters)}
+
+
+def _chunks(items: list[Assignment], budget: int) -> list[list[Assignment]]:
+    """Split assignments so that each envelope stays under the broker's message limit."""
+    out: list[list[Assignment]] = [[]]
+    size = 0
+    for a in items:
+        cost = 512 + (sum(len(t.data) + 64 for t in a.inputs.values()) if a.inputs is not None else 0)
+        if out[-1] and size + cost > budget:
+            out.append([])
+            size = 0
+        out[-1].append(a)
+        size += cost
+    return out
+

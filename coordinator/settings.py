@@ -1,0 +1,37 @@
+"""The coordinator's knobs: one frozen dataclass, defaults that work on one machine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CoordinatorSettings:
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    db_url: str = "sqlite:///sparecycles.db"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    key_path: str | None = None  # default: beside the database, so a restart keeps its identity
+    topic_prefix: str | None = None  # default: sc/v1/<first 12 chars of the coordinator id>
+    replicas: int = 2
+    lease_seconds: float = 60.0
+    max_inline_bytes: int = 256 * 1024
+    max_message_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 512 * 1024 * 1024
+    max_model_bytes: int = 256 * 1024 * 1024
+    sweep_seconds: float = 0.25
+
+    @property
+    def broker(self) -> tuple[str, int]:
+        u = urlparse(self.broker_url)
+        if u.scheme not in ("mqtt", "tcp") or not u.hostname:
+            raise ValueError(f"--broker must look like mqtt://HOST:PORT, got {self.broker_url!r}")
+        return u.hostname, u.port or 1883
+
+
+def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host:
+        return value, default_port
+    return host, int(port)

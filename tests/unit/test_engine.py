@@ -1,0 +1,132 @@
+"""The coordinator's state machine, driven directly: no sockets, the clock passed in."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from coordinator.engine import Engine
+from coordinator.jobs import JobOptions, plan_job
+from coordinator.records import JobFinished, LeaseClosed, TaskDecided
+from coordinator.scheduler import JobState, TaskState
+from protocol.messages import Assignment, Result
+from protocol.tensors import digest_tensors, tensors_from_arrays
+
+META = {"model": "a" * 64, "flops_per_row": 1000,
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 2]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 2]}]}
+
+
+def make_engine(rows: int = 4, task_size: int = 2, replicas: int = 2, max_results: int | None = None) -> Engine:
+    counter = itertools.count()
+    engine = Engine(lease_seconds=10, max_inline_bytes=1 << 20, new_id=lambda: f"lease{next(counter)}")
+    job, tasks, _ = plan_job(META, {"x": np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)},
+                             JobOptions(replicas=replicas, task_size=task_size, max_results=max_results,
+                                        final="argmax"), now_wall=0.0, max_inline_bytes=1 << 20)
+    engine.add_job(job, tasks)
+    return engine
+
+
+def answer(a: Assignment, values: np.ndarray) -> tuple[Result, dict[str, np.ndarray]]:
+    outputs = {"y": values.astype(np.float32)}
+    result = Result(task=a.task, job=a.job, lease=a.lease, input_digest=a.input_digest,
+                    output_digest=digest_tensors(tensors_from_arrays(outputs)), outputs=None)
+    return result, outputs
+
+
+def honest(a: Assignment) -> np.ndarray:
+    assert a.inputs is not None
+    return a.inputs["x"].to_array() * 2
+
+
+def test_two_nodes_of_different_owners_verify_a_task_and_each_earns_one_credit() -> None:
+    engine = make_engine(rows=2, task_size=2)
+    a1 = engine.on_work_request("n1", "o1", 4, 1, now=0, now_wall=0)["n1"]
+    a2 = engine.on_work_request("n2", "o2", 4, 1, now=0, now_wall=0)["n2"]
+    assert len(a1) == len(a2) == 1 and a1[0].task == a2[0].task and a1[0].lease != a2[0].lease
+    for node, a in (("n1", a1[0]), ("n2", a2[0])):
+        result, outputs = answer(a, honest(a))
+        engine.on_result(node, result, outputs, None, now=1, now_wall=1)
+    decided = [op for op in engine.ops if isinstance(op, TaskDecided)]
+    assert len(decided) == 1 and decided[0].state is TaskState.VERIFIED
+    assert sorted(c.node for c in decided[0].credits) == ["n1", "n2"]
+    assert any(isinstance(op, JobFinished) and op.state is JobState.DONE for op in engine.ops)
+
+
+def test_a_node_never_gets_two_replicas_of_one_task_and_one_owner_never_two() -> None:
+    engine = make_engine(rows=2, task_size=2)
+    first = engine.on_work_request("n1", "o1", 4, 1, now=0, now_wall=0)
+    again = engine.on_work_request("n1", "o1", 4, 2, now=0, now_wall=0)
+    same_owner = engine.on_work_request("n9", "o1", 4, 1, now=0, now_wall=0)
+    assert len(first["n1"]) == 1 and again == {} and same_owner == {}
+
+
+def test_a_replayed_result_is_rejected_and_counted() -> None:
+    engine = make_engine(rows=2, task_size=2)
+    a = engine.on_work_request("n1", "o1", 1, 1, now=0, now_wall=0)["n1"][0]
+    result, outputs = answer(a, honest(a))
+    engine.on_result("n1", result, outputs, None, now=1, now_wall=1)
+    engine.on_result("n1", result, outputs, None, now=1, now_wall=1)
+    assert engine.counters["unknown_or_closed_lease"] == 1
+    assert len(engine.tasks[a.task].votes) == 1
+
+
+def test_a_result_for_another_nodes_lease_is_rejected() -> None:
+    engine = make_engine(rows=2, task_size=2)
+    a = engine.on_work_request("n1", "o1", 1, 1, now=0, now_wall=0)["n1"][0]
+    result, outputs = answer(a, honest(a))
+    engine.on_result("n2", result, outputs, None, now=1, now_wall=1)
+    assert engine.counters["lease_of_another_node"] == 1
+
+
+def test_an_expired_lease_is_reissued_to_another_node() -> None:
+    engine = make_engine(rows=2, task_size=2)
+    engine.on_work_request("n1", "o1", 1, 1, now=0, now_wall=0)
+    engine.on_work_request("n2", "o2", 1, 1, now=0, now_wall=0)
+    engine.on_work_request("n3", "o3", 1, 1, now=0, now_wall=0)
+    out = engine.sweep(now=11, now_wall=11)
+    assert any(isinstance(op, LeaseClosed) and op.state == "expired" for op in engine.ops)
+    assert [a.task for a in out["n3"]] == [next(iter(engine.tasks))]
+
+
+def test_a_node_going_offline_gives_its_leases_back_at_once() -> None:
+    engine = make_engine(rows=2, task_size=2)
+    engine.on_work_request("n1", "o1", 1, 1, now=0, now_wall=0)
+    engine.on_work_request("n3", "o3", 0, 1, now=0, now_wall=0)
+    engine.on_work_request("n3", "o3", 1, 2, now=0, now_wall=0)  # takes the second replica
+    engine.on_work_request("n4", "o4", 1, 1, now=0, now_wall=0)
+    out = engine.on_node_offline("n1", now=1, now_wall=1)
+    assert "n4" in out
+
+
+def test_a_liar_is_outvoted_and_not_credited() -> None:
+    engine = make_engine(rows=2, task_size=2)
+    lie = engine.on_work_request("liar", "evil", 1, 1, now=0, now_wall=0)["liar"][0]
+    good = engine.on_work_request("n1", "o1", 1, 1, now=0, now_wall=0)["n1"][0]
+    engine.on_result("liar", *answer(lie, honest(lie) + 5), None, now=1, now_wall=1)
+    out = engine.on_result("n1", *answer(good, honest(good)), None, now=1, now_wall=1)
+    assert out == {}  # a third replica is wanted but nobody is waiting
+    third = engine.on_work_request("n2", "o2", 1, 1, now=1, now_wall=1)["n2"][0]
+    engine.on_result("n2", *answer(third, honest(third)), None, now=2, now_wall=2)
+    decided = [op for op in engine.ops if isinstance(op, TaskDecided)][0]
+    assert {c.node for c in decided.credits} == {"n1", "n2"}
+
+
+def test_a_task_fails_with_a_reason_after_max_results() -> None:
+    engine = make_engine(rows=2, task_size=2, max_results=2)
+    for i in range(2):
+        a = engine.on_work_request(f"n{i}", f"o{i}", 1, 1, now=0, now_wall=0)[f"n{i}"][0]
+        result, _ = answer(a, honest(a))
+        engine.on_result(f"n{i}", result, None, "output 'y' contains NaN or Inf", now=1, now_wall=1)
+    job = next(iter(engine.jobs.values()))
+    assert job.state is JobState.FAILED and job.failed == 1
+    assert "NaN" in job.failures[0]["reason"]
+
+
+def test_outputs_with_the_wrong_row_count_are_invalid() -> None:
+    engine = make_engine(rows=2, task_size=2)
+    a = engine.on_work_request("n1", "o1", 1, 1, now=0, now_wall=0)["n1"][0]
+    result, outputs = answer(a, np.zeros((1, 2)))
+    engine.on_result("n1", result, outputs, None, now=1, now_wall=1)
+    assert engine.counters["invalid_result"] == 1 and not engine.tasks[a.task].votes

@@ -1,0 +1,88 @@
+"""Agreement and quorum: pure functions over literal arrays (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator.quorum import Accepted, Tolerance, Undecided, Vote, agree, check_finite, decide_quorum
+from protocol.tensors import digest_tensors, tensors_from_arrays
+
+TOL = Tolerance()
+
+
+def vote(node: str, owner: str, probs: list[list[float]], labels: list[int] | None = None) -> Vote:
+    outputs = {"probs": np.array(probs, dtype=np.float32)}
+    if labels is not None:
+        outputs["label"] = np.array(labels, dtype=np.int64)
+    return Vote(lease=f"l-{node}", node=node, owner=owner,
+                output_digest=digest_tensors(tensors_from_arrays(outputs)), outputs=outputs)
+
+
+def test_bitwise_equal_outputs_agree_on_the_fast_path() -> None:
+    a, b = vote("n1", "o1", [[0.1, 0.9]]), vote("n2", "o2", [[0.1, 0.9]])
+    assert a.output_digest == b.output_digest
+    assert agree(a, b, TOL)
+
+
+def test_floats_within_tolerance_with_the_same_argmax_agree() -> None:
+    assert agree(vote("n1", "o1", [[0.2, 0.8]]), vote("n2", "o2", [[0.20005, 0.79995]]), TOL)
+
+
+def test_floats_beyond_tolerance_disagree() -> None:
+    assert not agree(vote("n1", "o1", [[0.2, 0.8]]), vote("n2", "o2", [[0.21, 0.79]]), TOL)
+
+
+def test_a_different_final_answer_disagrees_even_when_floats_are_close() -> None:
+    # within allclose, but the argmax flips: the final answer must match exactly
+    a, b = vote("n1", "o1", [[0.50001, 0.49999]]), vote("n2", "o2", [[0.49999, 0.50001]])
+    assert np.allclose(a.outputs["probs"], b.outputs["probs"], rtol=1e-3, atol=1e-4)
+    assert not agree(a, b, TOL)
+    assert agree(a, b, Tolerance(final="none"))
+
+
+def test_integer_outputs_must_match_exactly() -> None:
+    assert not agree(vote("n1", "o1", [[0.2, 0.8]], [1]), vote("n2", "o2", [[0.2, 0.8]], [0]), TOL)
+
+
+def test_exact_mode_requires_bitwise_equality() -> None:
+    assert not agree(vote("n1", "o1", [[0.2, 0.8]]), vote("n2", "o2", [[0.20005, 0.79995]]), Tolerance(final="exact"))
+
+
+def test_nan_and_inf_make_a_result_invalid() -> None:
+    assert check_finite({"x": np.array([1.0, np.nan], dtype=np.float32)}) is not None
+    assert check_finite({"x": np.array([np.inf], dtype=np.float64)}) is not None
+    assert check_finite({"x": np.array([1.0], dtype=np.float32), "y": np.array([3], dtype=np.int64)}) is None
+
+
+def test_two_agreeing_owners_make_a_quorum_with_the_first_as_canonical() -> None:
+    a, b = vote("n1", "o1", [[0.2, 0.8]]), vote("n2", "o2", [[0.2, 0.8]])
+    verdict = decide_quorum([a, b], k=2, tol=TOL)
+    assert isinstance(verdict, Accepted)
+    assert verdict.canonical is a
+    assert {v.node for v in verdict.agreeing} == {"n1", "n2"}
+
+
+def test_results_from_two_nodes_of_one_owner_do_not_make_a_quorum() -> None:
+    verdict = decide_quorum([vote("n1", "o1", [[0.2, 0.8]]), vote("n2", "o1", [[0.2, 0.8]])], k=2, tol=TOL)
+    assert verdict == Undecided(have=2, best_group=1)
+
+
+def test_a_liar_is_outvoted_and_left_out_of_the_agreeing_group() -> None:
+    honest1, liar, honest2 = vote("n1", "o1", [[0.2, 0.8]]), vote("n2", "o2", [[0.9, 0.1]]), vote("n3", "o3", [[0.2, 0.8]])
+    assert isinstance(decide_quorum([honest1, liar], k=2, tol=TOL), Undecided)
+    verdict = decide_quorum([honest1, liar, honest2], k=2, tol=TOL)
+    assert isinstance(verdict, Accepted)
+    assert liar not in verdict.agreeing
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from([0, 1]), min_size=1, max_size=5), st.integers(1, 3))
+def test_arrival_order_cannot_change_whether_a_quorum_exists(answers: list[int], k: int) -> None:
+    votes = [vote(f"n{i}", f"o{i}", [[0.9, 0.1]] if a == 0 else [[0.1, 0.9]]) for i, a in enumerate(answers)]
+    outcomes = {isinstance(decide_quorum(list(p), k=k, tol=TOL), Accepted)
+                for p in itertools.islice(itertools.permutations(votes), 24)}
+    assert len(outcomes) == 1
