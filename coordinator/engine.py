@@ -33,8 +33,12 @@ log = logging.getLogger("sparecycles.coordinator.engine")
 
 @dataclass(slots=True)
 class Waiting:
+    """A node's standing request: it can hold `capacity` leases at once. The coordinator knows
+    which leases the node holds, so it grants the difference itself: no race between a request
+    and assignments still in flight, and a node is refilled the moment its results arrive."""
+
     owner: str
-    slots: int
+    capacity: int
     seq: int
 
 
@@ -88,6 +92,12 @@ class Engine:
             return {}
         self._waiting[node] = Waiting(owner, slots, seq)
         return self._fill(now, now_wall, only=node)
+
+    def free_slots(self, node: str) -> int:
+        waiting = self._waiting.get(node)
+        if waiting is None:
+            return 0
+        return waiting.capacity - len(self._node_leases.get(node, ()))
 
     def on_release(self, node: str, leases: tuple[str, ...], *, now: float,
                    now_wall: float) -> dict[str, list[Assignment]]:
@@ -148,6 +158,9 @@ class Engine:
         if problem is not None or outputs is None:
             self.counters["invalid_result"] += 1
             task.last_problem = problem or "no outputs"
+            # The node stays excluded (it would likely fail again); its owner's other nodes may try.
+            if all(v.owner != lease.owner for v in task.votes):
+                task.owners.discard(lease.owner)
             log.info("invalid result task=%s node=%s problem=%r", task.id, node, task.last_problem)
         else:
             task.votes.append(Vote(lease.id, node, lease.owner, result.output_digest, outputs))
@@ -236,6 +249,12 @@ class Engine:
         task.live.discard(lease.id)
         self.ops.append(LeaseClosed(lease.id, state))
         if state != "reported" and task.state is TaskState.OPEN:
+            # The node never answered: it and its owner may take the task again later, or a
+            # network of two owners could never finish a task whose lease once expired.
+            if all(v.node != lease.node for v in task.votes):
+                task.nodes.discard(lease.node)
+            if all(v.owner != lease.owner for v in task.votes):
+                task.owners.discard(lease.owner)
             task.last_problem = f"lease {state} on node {lease.node}"
             self._replan(task)
 
@@ -247,18 +266,18 @@ class Engine:
         nodes = [only] if only is not None else list(self._waiting)
         for node in nodes:
             waiting = self._waiting.get(node)
-            if waiting is None or waiting.slots <= 0:
+            free = self.free_slots(node)
+            if waiting is None or free <= 0:
                 continue
             picked: list[Assignment] = []
             for task_id in list(self._ready):
-                if len(picked) >= waiting.slots:
+                if len(picked) >= free:
                     break
                 task = self.tasks[task_id]
                 if not may_take(node=node, owner=waiting.owner, task_nodes=task.nodes, task_owners=task.owners):
                     continue
                 picked.append(self._issue(task, node, waiting.owner, now, now_wall))
             if picked:
-                waiting.slots -= len(picked)
                 out[node] = picked
             if not self._ready:
                 break

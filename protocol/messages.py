@@ -60,7 +60,10 @@ def _items(raw: Mapping[str, Any]) -> list[Any]:
 
 @dataclass(frozen=True, slots=True)
 class WorkRequest:
-    """A node asks for up to `slots` tasks. `models` are digests it has cached (scheduling hint)."""
+    """A node's standing request for work. `slots` is its capacity: how many leases it can hold at
+    once (running + queued). The coordinator knows which leases the node holds and grants the
+    difference, so a request never races with assignments in flight. `slots=0` asks for nothing
+    (draining). `models` are digests it has cached (a scheduling hint)."""
 
     KIND: ClassVar[str] = "work"
     node: str

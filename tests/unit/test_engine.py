@@ -87,7 +87,25 @@ def test_an_expired_lease_is_reissued_to_another_node() -> None:
     engine.on_work_request("n3", "o3", 1, 1, now=0, now_wall=0)
     out = engine.sweep(now=11, now_wall=11)
     assert any(isinstance(op, LeaseClosed) and op.state == "expired" for op in engine.ops)
-    assert [a.task for a in out["n3"]] == [next(iter(engine.tasks))]
+    reissued = [a for items in out.values() for a in items]
+    assert [a.task for a in reissued] == [next(iter(engine.tasks))] * 2
+    assert len({a.lease for a in reissued}) == 2
+
+
+def test_a_released_lease_may_go_back_to_the_same_owner_when_nobody_else_can_take_it() -> None:
+    engine = make_engine(rows=2, task_size=2)
+    a = engine.on_work_request("n1", "o1", 1, 1, now=0, now_wall=0)["n1"][0]
+    engine.on_work_request("n1", "o1", 0, 2, now=0, now_wall=0)  # draining: capacity 0
+    engine.on_release("n1", (a.lease,), now=1, now_wall=1)
+    again = engine.on_work_request("n1", "o1", 1, 3, now=2, now_wall=2)
+    assert [x.task for x in again["n1"]] == [a.task]
+
+
+def test_capacity_counts_the_leases_a_node_already_holds() -> None:
+    engine = make_engine(rows=8, task_size=2)
+    first = engine.on_work_request("n1", "o1", 3, 1, now=0, now_wall=0)["n1"]
+    repeat = engine.on_work_request("n1", "o1", 3, 2, now=0, now_wall=0)
+    assert len(first) == 3 and repeat == {}
 
 
 def test_a_node_going_offline_gives_its_leases_back_at_once() -> None:

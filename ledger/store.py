@@ -1,0 +1,142 @@
+"""The ledger port: one ABC whose docstrings are the contract, and an in-memory twin beside it.
+
+Every backend runs the same suite in `tests/contract/test_ledger_store.py`. `open_ledger` picks a
+backend from one URL setting (after Flower's `linkstate_factory.py`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from types import TracebackType
+
+from .entries import Balances, Credit, Entry, balances_of
+from .errors import LedgerError, StoreClosed
+
+
+class LedgerStore(ABC):
+    """An append-only log of credits, numbered from 1 without gaps.
+
+    Exactly once: a (task, node) pair is credited at most once, whatever the number of calls,
+    restarts or concurrent callers; a second credit for a pair already present is ignored, even
+    if its amount differs (the first one written stands). Nothing is ever updated or deleted.
+
+    Using a store after `close()` raises `StoreClosed`; a failing database raises `StorageError`.
+    A store is an async context manager that closes on exit.
+    """
+
+    @abstractmethod
+    async def append(self, credits: Sequence[Credit]) -> int:
+        """Append credits in the given order, all or none. Returns how many were new: pairs already
+        in the log, and repeats within `credits`, are skipped and take no seq number."""
+
+    @abstractmethod
+    async def size(self) -> int:
+        """Number of entries, which is also the highest seq (0 when empty)."""
+
+    @abstractmethod
+    async def entries(self, after: int = 0, limit: int = 1000) -> list[Entry]:
+        """Up to `limit` entries with seq > `after`, in ascending seq. `limit` < 1 returns []."""
+
+    @abstractmethod
+    async def balances(self) -> Balances:
+        """Per (node, owner) and per owner sums, and totals, over the whole log, as one snapshot.
+        Rows are sorted by credits descending, then by name."""
+
+    @abstractmethod
+    async def history(self, node: str) -> list[Entry]:
+        """Every entry crediting `node`, in ascending seq; [] for a node never credited."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the store's resources. Idempotent."""
+
+    async def __aenter__(self) -> LedgerStore:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+class InMemoryLedgerStore(LedgerStore):
+    """The twin for unit tests of callers. Not durable.
+
+    Safe under `asyncio.gather` without a lock: no method awaits between reading and writing its
+    state, so each call runs whole before another can start. It is not thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._log: list[Entry] = []
+        self._keys: set[tuple[str, str]] = set()
+        self._by_node: dict[str, list[Entry]] = {}
+        self._closed = False
+
+    async def append(self, credits: Sequence[Credit]) -> int:
+        self._check_open()
+        added = 0
+        for credit in credits:
+            if credit.key in self._keys:
+                continue
+            entry = Entry(len(self._log) + 1, credit)
+            self._log.append(entry)
+            self._keys.add(credit.key)
+            self._by_node.setdefault(credit.node, []).append(entry)
+            added += 1
+        return added
+
+    async def size(self) -> int:
+        self._check_open()
+        return len(self._log)
+
+    async def entries(self, after: int = 0, limit: int = 1000) -> list[Entry]:
+        self._check_open()
+        if limit < 1:
+            return []
+        start = max(after, 0)  # seq n sits at index n - 1
+        return self._log[start:start + limit]
+
+    async def balances(self) -> Balances:
+        self._check_open()
+        return balances_of(self._log)
+
+    async def history(self, node: str) -> list[Entry]:
+        self._check_open()
+        return list(self._by_node.get(node, ()))
+
+    async def close(self) -> None:
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the in-memory ledger store is closed")
+
+
+def open_ledger(url: str) -> LedgerStore:
+    """Open the ledger named by one setting.
+
+    - ``memory`` or ``:memory:``: an `InMemoryLedgerStore`;
+    - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` (SQLAlchemy's spelling:
+      the path is what follows the third slash); ``sqlite://`` or ``sqlite:///:memory:`` for a
+      private in-memory SQLite database.
+
+    Anything else raises `LedgerError`. The SQLite file is opened in the store's own thread; an
+    unusable path surfaces as `StorageError` on first use (`await SQLiteLedgerStore.open(path)`
+    reports it at once).
+    """
+    # Imported here: sqlite.py subclasses LedgerStore from this module.
+    from .sqlite import SQLiteLedgerStore
+
+    if url in ("memory", ":memory:"):
+        return InMemoryLedgerStore()
+    if url == "sqlite://":
+        return SQLiteLedgerStore(":memory:")
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if not path:
+            raise LedgerError(f"ledger URL {url!r} names no file: write sqlite:////absolute/path.db")
+        return SQLiteLedgerStore(path)
+    raise LedgerError(
+        f"unsupported ledger URL {url!r}: use 'memory', 'sqlite:///relative.db' or "
+        "'sqlite:////absolute/path.db'"
+    )

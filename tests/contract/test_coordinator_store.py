@@ -1,0 +1,119 @@
+"""One contract, every CoordinatorStore backend (after Flower's StateTest)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.jobs import JobOptions, plan_job
+from coordinator.records import (
+    BlobPut, JobFinished, LeaseClosed, LeaseIssued, LeaseRecord, ResultRecorded, TaskDecided,
+)
+from coordinator.scheduler import JobState, TaskState
+from coordinator.store import CoordinatorStore, open_store
+from ledger.entries import Credit
+
+META = {"model": "a" * 64, "flops_per_row": 10,
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 2]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 2]}]}
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CoordinatorStore]:
+    s = open_store("memory" if request.param == "memory" else f"sqlite:///{tmp_path}/c.db")
+    yield s
+    await s.close()
+
+
+def new_job():  # type: ignore[no-untyped-def]
+    return plan_job(META, {"x": np.ones((4, 2), dtype=np.float32)},
+                    JobOptions(replicas=2, task_size=2, max_results=None, final="argmax"),
+                    now_wall=1.0, max_inline_bytes=1 << 20)
+
+
+def lease(lid: str, task: str, job: str, node: str) -> LeaseRecord:
+    return LeaseRecord(id=lid, task=task, job=job, node=node, owner=f"owner-{node}", issued_at=1.0,
+                       expires_at=100.0, deadline=0.0)
+
+
+def verdict(task: str, job: str, leases: tuple[str, ...]) -> TaskDecided:
+    credits = tuple(Credit(node=f"n{i}", owner=f"owner-n{i}", job=job, task=task, amount=5,
+                           result_digest="d" * 64, created_at=2.0) for i in (1, 2))
+    return TaskDecided(task, TaskState.VERIFIED, "d" * 64, None, leases, credits)
+
+
+async def test_models_and_blobs_are_content_addressed_and_idempotent(store: CoordinatorStore) -> None:
+    assert await store.put_model("m" * 64, b"onnx", {"model": "m" * 64}) is True
+    assert await store.put_model("m" * 64, b"onnx", {"model": "m" * 64}) is False
+    assert await store.get_model("m" * 64) == b"onnx"
+    assert await store.model_meta("x" * 64) is None
+    await store.put_blob("b" * 64, b"data")
+    await store.put_blob("b" * 64, b"data")
+    assert await store.get_blob("b" * 64) == b"data"
+
+
+async def test_a_verdict_applied_twice_credits_once(store: CoordinatorStore) -> None:
+    job, tasks, blobs = new_job()
+    jid, t0 = job.spec.id, tasks[0].id
+    await store.create_job(job, tasks, blobs)
+    ops = [LeaseIssued(lease("l1", t0, jid, "n1")), LeaseIssued(lease("l2", t0, jid, "n2")),
+           ResultRecorded("l1", t0, "n1", "owner-n1", "d" * 64, None, 2.0),
+           ResultRecorded("l2", t0, "n2", "owner-n2", "d" * 64, None, 2.0),
+           LeaseClosed("l1", "reported"), LeaseClosed("l2", "reported"), BlobPut("d" * 64, b"out")]
+    await store.apply([*ops, verdict(t0, jid, ("l1", "l2"))])
+    await store.apply([verdict(t0, jid, ("l1", "l2"))])
+    balances = await store.ledger_balances()
+    assert balances.entries == 2 and balances.total_credits == 10
+    accepted = await store.accepted(0, 100)
+    assert {(a["task"], a["node"], a["task_state"]) for a in accepted} == {(t0, "n1", "verified"), (t0, "n2", "verified")}
+
+
+async def test_load_returns_open_tasks_with_their_live_leases_and_votes(store: CoordinatorStore) -> None:
+    job, tasks, blobs = new_job()
+    jid, t0, t1 = job.spec.id, tasks[0].id, tasks[1].id
+    await store.create_job(job, tasks, blobs)
+    await store.apply([
+        LeaseIssued(lease("l1", t0, jid, "n1")), LeaseIssued(lease("l2", t0, jid, "n2")),
+        LeaseIssued(lease("l3", t1, jid, "n1")), LeaseIssued(lease("l4", t1, jid, "n2")),
+        ResultRecorded("l3", t1, "n1", "owner-n1", "d" * 64, None, 2.0),
+        ResultRecorded("l4", t1, "n2", "owner-n2", "d" * 64, None, 2.0),
+        LeaseClosed("l3", "reported"), LeaseClosed("l4", "reported"),
+        verdict(t1, jid, ("l3", "l4")),
+        ResultRecorded("l1", t0, "n1", "owner-n1", "e" * 64, None, 2.0), LeaseClosed("l1", "reported"),
+    ])
+    snap = await store.load()
+    assert [j.spec.id for j in snap.jobs] == [jid]
+    assert snap.jobs[0].verified == 1 and snap.jobs[0].state is JobState.RUNNING
+    open_task = next(t for t in snap.tasks if t.id == t0)
+    assert {t.id for t in snap.tasks} == {t0}
+    assert open_task.nodes == {"n1", "n2"} and open_task.attempts == 1
+    assert [lv.id for lv in snap.live_leases] == ["l2"]
+    assert [(v.lease, v.output_digest) for v in snap.votes] == [("l1", "e" * 64)]
+
+
+async def test_finished_jobs_load_with_their_state_and_no_open_tasks(store: CoordinatorStore) -> None:
+    job, tasks, blobs = new_job()
+    await store.create_job(job, tasks, blobs)
+    await store.apply([TaskDecided(t.id, TaskState.FAILED, None, "boom", (), ()) for t in tasks]
+                      + [JobFinished(job.spec.id, JobState.FAILED, "2 of 2 tasks failed", 3.0)])
+    snap = await store.load()
+    assert snap.jobs[0].state is JobState.FAILED and snap.jobs[0].failed == 2 and not snap.tasks
+    assert await store.canonical_digests(job.spec.id) == [None, None]
+
+
+async def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.db"
+    s = open_store(url)
+    job, tasks, blobs = new_job()
+    await s.create_job(job, tasks, blobs)
+    await s.apply([verdict(tasks[0].id, job.spec.id, ())])
+    await s.close()
+    s2 = open_store(url)
+    try:
+        assert (await s2.ledger_balances()).entries == 2
+        assert len((await s2.load()).tasks) == 1
+    finally:
+        await s2.close()
