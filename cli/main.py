@@ -1,0 +1,401 @@
+"""`sparecycles`: the one console script.
+
+Process commands (coordinator, node, broker, demo) hand their arguments untouched to their own
+entry points, so `sparecycles coordinator --help` shows the coordinator's options. Client
+commands (submit, status, ledger) talk to a coordinator's HTTP API through `client.sdk`.
+
+Exit codes: 0 success; 1 the job failed, the ledger does not verify, or the coordinator refused;
+2 bad usage or unreadable input files; 3 the coordinator cannot be reached; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+from client.errors import (
+    BadNpz,
+    CoordinatorUnavailable,
+    JobFailed,
+    RequestRejected,
+    SparecyclesError,
+    WaitTimeout,
+)
+from client.npz import from_npz, to_npz
+from client.progress import ProgressReporter
+from client.sdk import CoordinatorClient
+
+ENV_COORDINATOR = "SPARECYCLES_COORDINATOR"
+DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
+
+# command -> (module whose `main(argv)` runs it, one-line help)
+FORWARDED: dict[str, tuple[str, str]] = {
+    "coordinator": ("coordinator.__main__", "run a coordinator (HTTP API + MQTT); --help lists its options"),
+    "node": ("node.__main__", "run a volunteer node daemon; --help lists its options"),
+    "broker": ("cli.broker", "run the embedded MQTT broker (demo and tests; use Mosquitto in production)"),
+    "demo": ("cli.demo", "run broker, coordinator and nodes on this machine and submit a real job"),
+}
+MAX_FAILURES_SHOWN = 20
+
+T = TypeVar("T")
+
+
+class CliExit(Exception):
+    """Stop with `code`, after printing `message` (what went wrong and what to do) to stderr."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# -- parser ----------------------------------------------------------------------------------------
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return x
+
+
+def _add_coordinator(parser: argparse.ArgumentParser) -> None:
+    default = os.environ.get(ENV_COORDINATOR) or DEFAULT_COORDINATOR
+    parser.add_argument(
+        "--coordinator", metavar="URL", default=default,
+        help=f"coordinator HTTP address (default: ${ENV_COORDINATOR}, else {DEFAULT_COORDINATOR})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparecycles",
+        description="Verified ONNX inference on volunteer CPUs: run the services, submit jobs, "
+        "check the ledger.",
+        epilog="exit codes: 0 ok, 1 job failed / ledger mismatch / request refused, 2 usage or input error, "
+        "3 coordinator unreachable",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    for name, (_module, help_text) in FORWARDED.items():
+        # No option prefixes and no -h: every argument, --help included, goes to the real entry point.
+        fwd = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="\x00")
+        fwd.add_argument("args", nargs=argparse.REMAINDER)
+
+    submit = sub.add_parser(
+        "submit", help="run a model over the rows of an .npz and save the outputs",
+        description="Upload MODEL (if the coordinator lacks it), submit INPUTS, wait, and write the outputs "
+        "(one array per ONNX output name, rows in input order) to -o.",
+    )
+    submit.add_argument("model", metavar="MODEL.onnx")
+    submit.add_argument("inputs", metavar="INPUTS.npz", help="one array per ONNX input name, rows on axis 0")
+    _add_coordinator(submit)
+    submit.add_argument("--replicas", type=_positive_int, metavar="K", help="nodes that must agree per task")
+    submit.add_argument("--task-size", type=_positive_int, metavar="N", help="rows per task")
+    submit.add_argument("--final", choices=["argmax", "exact", "none"], help="how results are compared")
+    submit.add_argument("--timeout", type=_positive_float, metavar="S", help="stop waiting after S seconds")
+    submit.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="where to write the outputs")
+
+    status = sub.add_parser("status", help="show a job's state and progress")
+    status.add_argument("job", metavar="JOB")
+    _add_coordinator(status)
+    status.add_argument("--json", action="store_true", help="print the coordinator's JSON")
+
+    ledger = sub.add_parser("ledger", help="credits earned by nodes and owners")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="LEDGER_COMMAND")
+    balances = ledger_sub.add_parser("balances", help="credits per node and per owner")
+    _add_coordinator(balances)
+    balances.add_argument("--json", action="store_true", help="print the coordinator's JSON")
+    history = ledger_sub.add_parser("history", help="one node's credit entries")
+    history.add_argument("node", metavar="NODE")
+    _add_coordinator(history)
+    history.add_argument("--json", action="store_true", help="print the coordinator's JSON")
+    verify = ledger_sub.add_parser("verify", help="check the ledger against the accepted results")
+    _add_coordinator(verify)
+    return parser
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # --help, or a usage error argparse has already explained
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        if args.command in FORWARDED:
+            return forward(args.command, args.args)
+        if args.command == "ledger" and args.ledger_command is None:
+            raise CliExit(EXIT_USAGE, "say which: `sparecycles ledger balances|history NODE|verify`")
+        return COMMANDS[args.ledger_command if args.command == "ledger" else args.command](args)
+    except CliExit as exc:
+        if exc.message:
+            print(f"sparecycles: {exc.message}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("sparecycles: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _import(module: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module
+        needed = "" if module.startswith(missing) else f" (needed by {module})"
+        raise CliExit(
+            EXIT_USAGE,
+            f"cannot import {missing}{needed}: {exc}; "
+            "install sparecycles with its dependencies (`pip install -e .`)",
+        ) from exc
+
+
+def forward(command: str, argv: Sequence[str]) -> int:
+    """Run a process command's own `main(argv)`, imported only now (the client needs none of them)."""
+    entry: Callable[[list[str]], Any] = _import(FORWARDED[command][0]).main
+    code = entry(list(argv))
+    if inspect.iscoroutine(code):
+        code = asyncio.run(code)
+    return int(code or 0)
+
+
+# -- client commands -------------------------------------------------------------------------------
+
+
+def _run(url: str, action: Callable[[CoordinatorClient], Awaitable[T]]) -> T:
+    """Run `action` with a client for `url`; expected failures become `CliExit` with advice."""
+
+    async def go() -> T:
+        async with CoordinatorClient(url) as client:
+            return await action(client)
+
+    try:
+        return asyncio.run(go())
+    except CoordinatorUnavailable as exc:
+        raise CliExit(EXIT_UNAVAILABLE, str(exc)) from exc
+    except JobFailed as exc:
+        raise CliExit(EXIT_FAILED, _describe_failure(exc)) from exc
+    except WaitTimeout as exc:
+        raise CliExit(EXIT_FAILED, str(exc)) from exc
+    except RequestRejected as exc:
+        code = EXIT_USAGE if 400 <= exc.status < 500 else EXIT_FAILED
+        where = f"{exc.status} on {exc.method} {exc.path}"
+        raise CliExit(code, f"the coordinator refused: {exc.message} ({where})") from exc
+    except SparecyclesError as exc:
+        raise CliExit(EXIT_FAILED, str(exc)) from exc
+
+
+def _describe_failure(exc: JobFailed) -> str:
+    lines = [f"job {exc.job} failed" + (f": {exc.error}" if exc.error else "")]
+    for failure in exc.failures[:MAX_FAILURES_SHOWN]:
+        lines.append(f"  task {failure.get('task')}: {failure.get('reason')}")
+    if len(exc.failures) > MAX_FAILURES_SHOWN:
+        lines.append(f"  ... and {len(exc.failures) - MAX_FAILURES_SHOWN} more failed tasks")
+    lines.append(f"  details: sparecycles status {exc.job} --json")
+    return "\n".join(lines)
+
+
+def _read_input_file(path: str, what: str) -> bytes:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise CliExit(EXIT_USAGE, f"{what} file {path} not found") from None
+    except IsADirectoryError:
+        raise CliExit(EXIT_USAGE, f"{what} file {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise CliExit(EXIT_USAGE, f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise CliExit(EXIT_USAGE, f"{what} file {path} is empty")
+    return data
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    model = _read_input_file(args.model, "model")
+    try:
+        inputs = from_npz(_read_input_file(args.inputs, "inputs"))
+    except BadNpz as exc:
+        raise CliExit(
+            EXIT_USAGE,
+            f"{args.inputs} is not a .npz file of named arrays ({exc}); write one with "
+            "numpy.savez(path, input_name=array)",
+        ) from None
+    if not inputs:
+        raise CliExit(EXIT_USAGE, f"{args.inputs} holds no arrays; it needs one per ONNX input name")
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise CliExit(EXIT_USAGE, f"cannot write {out}: directory {out.parent} does not exist")
+
+    started = time.monotonic()
+
+    async def action(client: CoordinatorClient) -> tuple[dict[str, Any], dict[str, Any]]:
+        digest = await client.ensure_model(model)
+        job = await client.submit(digest, inputs, replicas=args.replicas, task_size=args.task_size,
+                                  final=args.final)
+        with ProgressReporter(str(job["job"])) as report:
+            await client.wait(str(job["job"]), on_progress=report, timeout=args.timeout)
+        return job, await client.outputs(str(job["job"]))
+
+    job, outputs = _run(args.coordinator, action)
+    _write_replacing(out, to_npz(outputs))
+    seconds = time.monotonic() - started
+    print(f"job {job['job']}: {job.get('rows')} rows in {job.get('tasks')} tasks, {seconds:.1f} s -> {out}",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
+    """Write via a temporary file so a reader never sees half an output file."""
+    tmp = path.with_name(path.name + ".part")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CliExit(EXIT_FAILED, f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    st = _run(args.coordinator, lambda c: c.status(args.job))
+    if args.json:
+        print(json.dumps(st))
+        return EXIT_OK
+    tasks = st.get("tasks") or {}
+    print(f"job {st.get('job', args.job)}: {st.get('state')}")
+    print(f"  model     {st.get('model')}")
+    print(f"  rows      {st.get('rows')} (task size {st.get('task_size')}, replicas {st.get('replicas')})")
+    print(f"  tasks     {tasks.get('verified')}/{tasks.get('total')} verified, {tasks.get('failed')} failed, "
+          f"{tasks.get('open')} open")
+    if st.get("error"):
+        print(f"  error     {st['error']}")
+    for failure in (st.get("failures") or [])[:MAX_FAILURES_SHOWN]:
+        print(f"  failed    task {failure.get('task')}: {failure.get('reason')}")
+    return EXIT_OK
+
+
+def _cmd_balances(args: argparse.Namespace) -> int:
+    balances = _run(args.coordinator, lambda c: c.balances())
+    if args.json:
+        print(json.dumps(balances))
+        return EXIT_OK
+    nodes = [[n.get(k) for k in ("node", "owner", "credits", "entries")] for n in balances.get("nodes") or []]
+    owners = [[o.get(k) for k in ("owner", "credits", "entries")] for o in balances.get("owners") or []]
+    _print_table("nodes", ["node", "owner", "credits", "entries"], nodes)
+    print()
+    _print_table("owners", ["owner", "credits", "entries"], owners)
+    total, count = _fmt(balances.get("total_credits")), _fmt(balances.get("entries"))
+    print(f"\ntotal: {total} credits in {count} entries")
+    return EXIT_OK
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    history = _run(args.coordinator, lambda c: c.history(args.node))
+    if args.json:
+        print(json.dumps(history))
+        return EXIT_OK
+    entries = history.get("entries") or []
+    print(f"node {history.get('node', args.node)} (owner {history.get('owner')}): "
+          f"{_fmt(history.get('credits'))} credits in {len(entries)} entries")
+    columns = ["seq", "job", "task", "amount", "created_at"]
+    rows = [[e.get(k) for k in columns] for e in entries]
+    if rows:
+        print()
+        _print_table("entries", columns, rows)
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    find_discrepancies = _import("ledger.verify").find_discrepancies
+
+    async def fetch(client: CoordinatorClient) -> tuple[list[Any], list[Any], dict[str, Any]]:
+        return await client.entries(), await client.accepted(), await client.balances()
+
+    entries, accepted, balances = _run(args.coordinator, fetch)
+    problems: list[str] = list(find_discrepancies(entries, accepted, balances))
+    if problems:
+        print(f"ledger verify FAILED: {len(problems)} discrepancies; the first: {problems[0]}")
+        return EXIT_FAILED
+    print(f"ledger OK: {len(entries)} entries, {_fmt(balances.get('total_credits'))} credits, "
+          f"{len(balances.get('nodes') or [])} nodes")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "submit": _cmd_submit,
+    "status": _cmd_status,
+    "balances": _cmd_balances,
+    "history": _cmd_history,
+    "verify": _cmd_verify,
+}
+
+
+# -- tables ----------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6f}".rstrip("0").rstrip(".") if value == value else "nan"
+    return "-" if value is None else str(value)
+
+
+def _print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
+    """A rich table on a terminal; aligned plain text (numbers right-aligned) for pipes and files."""
+    cells = [[_fmt(v) for v in row] for row in rows]
+    numeric = [bool(rows) and all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for header, is_num in zip(headers, numeric, strict=True):
+            table.add_column(header, justify="right" if is_num else "left")
+        for row in cells:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    print(line(headers))
+    for row in cells:
+        print(line(row))
+    if not cells:
+        print(f"(no {title})")

@@ -1,0 +1,118 @@
+"""NodeSettings: every knob of the node daemon, with defaults that work on one machine."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+MAX_OWNER = 128  # protocol.messages.MAX_NAME: the coordinator rejects longer owner names
+
+
+def default_owner() -> str:
+    """$USER, else the login name, else "anonymous" (a daemon may run without a login)."""
+    user = os.environ.get("USER") or os.environ.get("LOGNAME")
+    if user:
+        return user
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "anonymous"
+
+
+def default_slots() -> int:
+    return os.cpu_count() or 1
+
+
+def default_key_path() -> Path:
+    return Path.home() / ".config" / "sparecycles" / "node.key"
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "sparecycles" / "models"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://[user[:password]@]HOST[:PORT]` → BrokerAddress (port 1883 by default)."""
+    parts = urlsplit(url)
+    if parts.scheme != "mqtt" or not parts.hostname:
+        raise ValueError(f"broker URL {url!r} is not mqtt://HOST:PORT")
+    try:
+        port = parts.port or 1883
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r} has an invalid port") from exc
+    return BrokerAddress(parts.hostname, port, parts.username, parts.password)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NodeSettings:
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    coordinator_url: str = "http://127.0.0.1:8080"
+    key_path: Path = field(default_factory=default_key_path)
+    owner: str = field(default_factory=default_owner)
+    slots: int = field(default_factory=default_slots)
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_quota_bytes: int = 2048 * 1024 * 1024
+    prefetch: int | None = None
+    """Assignments held beyond `slots` (their model and inputs are fetched while others run).
+    None means as many as `slots`."""
+    heartbeat_seconds: float = 2.0
+    """A WorkRequest goes out at least this often, even when nothing changed."""
+    drain_seconds: float = 30.0
+    """On SIGTERM: how long running tasks may take to finish and their results to be sent."""
+    max_inline_bytes: int = 256 * 1024
+    """Used when /v1/info does not say; outputs larger than this go by HTTP."""
+    max_message_bytes: int = 8 * 1024 * 1024
+    """Used when /v1/info does not say; no MQTT envelope is sent or accepted above this."""
+    max_blob_bytes: int = 1024 * 1024 * 1024
+    """Largest input blob accepted over HTTP."""
+    reconnect_min_seconds: float = 0.2
+    reconnect_max_seconds: float = 10.0
+    http_timeout_seconds: float = 60.0
+    fetch_attempts: int = 3
+    """Tries for a model or input download before the task is reported as failed."""
+    sessions_per_thread: int = 4
+    """ONNX Runtime sessions each slot thread keeps warm (least recently used dropped first)."""
+
+    def __post_init__(self) -> None:
+        parse_broker_url(self.broker_url)
+        coord = urlsplit(self.coordinator_url)
+        if coord.scheme not in ("http", "https") or not coord.hostname:
+            raise ValueError(f"coordinator URL {self.coordinator_url!r} is not http://HOST:PORT")
+        if not 1 <= len(self.owner) <= MAX_OWNER:
+            raise ValueError(f"owner must be 1..{MAX_OWNER} characters")
+        if self.slots < 1:
+            raise ValueError("slots must be at least 1")
+        if self.prefetch is not None and self.prefetch < 0:
+            raise ValueError("prefetch must not be negative")
+        if self.cache_quota_bytes < 1:
+            raise ValueError("cache quota must be positive")
+        if self.heartbeat_seconds <= 0 or self.drain_seconds < 0:
+            raise ValueError("heartbeat must be positive and drain not negative")
+        if not 0 < self.reconnect_min_seconds <= self.reconnect_max_seconds:
+            raise ValueError("reconnect backoff needs 0 < min <= max")
+        if self.fetch_attempts < 1 or self.sessions_per_thread < 1:
+            raise ValueError("fetch_attempts and sessions_per_thread must be at least 1")
+
+    @property
+    def capacity(self) -> int:
+        """How many assignments the node holds at most: running plus queued."""
+        return self.slots + (self.slots if self.prefetch is None else self.prefetch)
+
+    @property
+    def broker(self) -> BrokerAddress:
+        return parse_broker_url(self.broker_url)
+
+    @property
+    def coordinator_base(self) -> str:
+        return self.coordinator_url.rstrip("/")

@@ -1,0 +1,303 @@
+"""The node daemon's MQTT side: ask for work, hold assignments, send results, drain on stop.
+
+Three loops share one broker link: the connection loop (connect, subscribe, announce, receive
+assignments, reconnect with backoff), the pull loop (a WorkRequest when room opens up, and every
+`heartbeat_seconds` anyway) and the outbox (Results and Releases, batched). Work in progress does
+not depend on the connection: its results wait in the outbox across a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+
+import aiohttp
+import aiomqtt
+
+from protocol.codec import open_envelope
+from protocol.errors import PeerError
+from protocol.messages import Assignment, Assignments, WorkRequest
+from protocol.signing import Identity
+
+from . import batching
+from .api import CoordinatorInfo, fetch_info
+from .cache import ModelCache
+from .execute import NotRun, OutputFilter, Pipeline, failed
+from .link import BrokerLink, new_client
+from .logs import kv
+from .modelcheck import check_model
+from .outbox import Outbox, publish
+from .runner import Runner, runtime_fingerprint
+from .settings import NodeSettings
+
+log = logging.getLogger(__name__)
+
+IDLE_REPORT_SECONDS = 60.0
+SEEN_LEASES = 65536  # leases remembered so a QoS-1 redelivery is not run twice
+
+
+async def run_node(settings: NodeSettings, *, stop: asyncio.Event | None = None,
+                   output_filter: OutputFilter | None = None,
+                   on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the node until `stop` is set, then drain: release queued work, finish running tasks
+    (up to `drain_seconds`), send their results, announce offline. `output_filter` rewrites
+    outputs before they are digested and sent (tests use it to make a node lie); `on_ready`
+    gets the node id once the node is connected and subscribed."""
+    stop = stop or asyncio.Event()
+    identity = await asyncio.to_thread(Identity.load_or_create, settings.key_path)
+    timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=settings.http_timeout_seconds)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        info = await fetch_info(http, settings.coordinator_base, stop=stop,
+                                default_inline=settings.max_inline_bytes,
+                                default_message=settings.max_message_bytes,
+                                backoff_min=settings.reconnect_min_seconds,
+                                backoff_max=settings.reconnect_max_seconds)
+        if info is None:
+            log.info(kv("node_stopped", id=identity.id, reason="stopped before the coordinator answered"))
+            return
+        runner = Runner(settings.slots, sessions_per_thread=settings.sessions_per_thread)
+        cache = ModelCache(settings.cache_dir, session=http, base_url=settings.coordinator_base,
+                           quota_bytes=settings.cache_quota_bytes, validate=check_model)
+        try:
+            node = Node(settings, identity, info, http=http, cache=cache, runner=runner,
+                        output_filter=output_filter, on_ready=on_ready)
+            await node.run(stop)
+        finally:
+            await cache.close()
+            runner.close(wait=False)  # a run past the drain deadline is abandoned, not awaited
+
+
+class Node:
+    def __init__(self, settings: NodeSettings, identity: Identity, info: CoordinatorInfo, *,
+                 http: aiohttp.ClientSession, cache: ModelCache, runner: Runner,
+                 output_filter: OutputFilter | None = None,
+                 on_ready: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.id = identity.id
+        self.info = info
+        self.topics = info.topics
+        self.runtime = runtime_fingerprint()
+        self.cache = cache
+        self.pipeline = Pipeline(
+            cache=cache, runner=runner, http=http, base_url=settings.coordinator_base,
+            inline_limit=batching.inline_limit(max_inline_bytes=info.max_inline_bytes,
+                                               max_message_bytes=info.max_message_bytes),
+            max_blob_bytes=settings.max_blob_bytes, fetch_attempts=settings.fetch_attempts,
+            output_filter=output_filter)
+        self.counters: Counter[str] = Counter()
+        self.outbox = Outbox(identity=identity, topics=self.topics, runtime=self.runtime,
+                             max_message_bytes=info.max_message_bytes, counters=self.counters)
+        self.link = BrokerLink()
+        self.held: dict[str, asyncio.Task[None]] = {}  # lease -> its task, queued or running
+        self.draining = False
+        self._on_ready = on_ready
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._changed = asyncio.Event()  # held work changed or a new connection: maybe ask for more
+        self._force_request = True
+        self._seq = time.time_ns() // 1_000_000  # increasing across restarts too, not just in-process
+        self._rng = random.Random()
+        self._idle_mark = (0.0, 0)  # (since when, assignments then): to explain "why no work"
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loops = [asyncio.create_task(self._connection_loop(), name="mqtt"),
+                 asyncio.create_task(self._pull_loop(), name="pull"),
+                 asyncio.create_task(self.outbox.run(self.link), name="outbox")]
+        stopped = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([*loops, stopped], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopped:  # the loops only end by a bug: fail loudly
+                    task.result()
+                    raise RuntimeError(f"{task.get_name()} loop ended unexpectedly")
+            await self._drain()
+            await self._announce_offline()
+        finally:
+            tasks = [*loops, stopped, *self.held.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        log.info(kv("node_stopped", id=self.id, **dict(sorted(self.counters.items()))))
+
+    async def _drain(self) -> None:
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_seconds
+        unstarted = [lease for lease in self.held if lease not in self.pipeline.started]
+        log.info(kv("drain_start", running=len(self.held) - len(unstarted), released=len(unstarted),
+                    unsent=len(self.outbox.results), drain_seconds=self.settings.drain_seconds))
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            if self.link.client is not None:  # tell the coordinator to stop sending work at once
+                await asyncio.wait_for(self._request(self.link.client, 0), timeout=2.0)
+        await self._cancel_and_release(unstarted, "node shutting down")
+        running = list(self.held.values())
+        if running:
+            _, late = await asyncio.wait(running, timeout=max(0.0, deadline - loop.time()))
+            if late:
+                leases = [lease for lease, task in self.held.items() if task in late]
+                log.warning(kv("drain_timeout", abandoned=len(leases)))
+                await self._cancel_and_release(leases, "drain timeout: node shutting down")
+        try:
+            await asyncio.wait_for(self.outbox.idle.wait(), timeout=max(0.5, deadline - loop.time()))
+        except TimeoutError:
+            log.warning(kv("drain_unsent", results=len(self.outbox.results),
+                           releases=len(self.outbox.releases),
+                           hint="the broker was unreachable; the coordinator will time these leases out"))
+
+    async def _cancel_and_release(self, leases: list[str], reason: str) -> None:
+        tasks = [self.held[lease] for lease in leases if lease in self.held]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.outbox.release(leases, reason)
+
+    async def _announce_offline(self) -> None:
+        client = self.link.client
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(self.topics.status(self.id), b"offline", qos=1, retain=True, timeout=5.0)
+
+    # ---- connection -------------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        delay = self.settings.reconnect_min_seconds
+        broker = self.settings.broker
+        while True:
+            try:
+                async with new_client(broker, self.id, self.topics) as client:
+                    # subscribe before announcing: nothing sent to us after "online" is missed
+                    await client.subscribe(self.topics.assign(self.id), qos=1)
+                    await client.publish(self.topics.status(self.id), b"online", qos=1, retain=True)
+                    delay = self.settings.reconnect_min_seconds
+                    self._force_request = True
+                    self._changed.set()
+                    await self.link.set(client)
+                    log.info(kv("connected", broker=f"{broker.host}:{broker.port}", id=self.id,
+                                prefix=self.topics.prefix))
+                    if self._on_ready is not None:
+                        on_ready, self._on_ready = self._on_ready, None
+                        on_ready(self.id)
+                    async for message in client.messages:
+                        self._on_message(message.payload)
+            except aiomqtt.MqttError as exc:
+                log.warning(kv("broker_unreachable", broker=f"{broker.host}:{broker.port}", error=str(exc),
+                               retry_in=round(delay, 2), held=len(self.held),
+                               unsent=len(self.outbox.results)))
+            finally:
+                await self.link.set(None)
+            await asyncio.sleep(delay * (0.5 + self._rng.random()))
+            delay = min(delay * 2, self.settings.reconnect_max_seconds)
+
+    # ---- incoming ---------------------------------------------------------------------------
+
+    def _drop(self, reason: str, **fields: object) -> None:
+        self.counters[f"dropped_{reason}"] += 1
+        log.warning(kv("message_dropped", reason=reason, **fields))
+
+    def _on_message(self, payload: object) -> None:
+        if not isinstance(payload, bytes | bytearray):
+            self._drop("not_bytes")
+            return
+        try:
+            opened = open_envelope(bytes(payload), max_size=self.info.max_message_bytes, expect_kind="assign")
+        except PeerError as exc:
+            self._drop(exc.reason, size=len(payload), error=str(exc))
+            return
+        message = opened.message
+        if opened.public_key != self.info.public_key:
+            self._drop("wrong_sender", signer=opened.public_key.hex()[:16])
+        elif not isinstance(message, Assignments) or message.node != self.id:
+            self._drop("wrong_node", node=getattr(message, "node", "?"))
+        else:
+            self._accept(message.items)
+
+    def _accept(self, items: tuple[Assignment, ...]) -> None:
+        now = time.time()  # wall clock: expires_at crosses a process boundary
+        expired: list[str] = []
+        refused: list[str] = []
+        for a in items:
+            if a.lease in self._seen:
+                self.counters["duplicate_assignments"] += 1
+                continue
+            self._seen[a.lease] = None
+            while len(self._seen) > SEEN_LEASES:
+                self._seen.popitem(last=False)
+            if a.expires_at <= now:
+                expired.append(a.lease)
+            elif self.draining or len(self.held) >= self.settings.capacity:
+                refused.append(a.lease)
+            else:
+                self.counters["assigned"] += 1
+                self.held[a.lease] = asyncio.create_task(self._work(a), name=f"task-{a.lease}")
+        self.outbox.release(expired, "expired on arrival")
+        self.outbox.release(refused, "node shutting down" if self.draining else "over capacity")
+        log.debug(kv("assignments", received=len(items), held=len(self.held), expired=len(expired),
+                     refused=len(refused)))
+
+    async def _work(self, a: Assignment) -> None:
+        try:
+            result = await self.pipeline.execute(a)
+        except NotRun as exc:
+            self.outbox.release([a.lease], exc.reason)
+        except Exception as exc:  # a bug of ours: report it rather than lose the lease silently
+            log.exception(kv("task_crashed", task=a.task, lease=a.lease))
+            self.outbox.add_result(failed(a, f"node error: {type(exc).__name__}: {exc}"))
+        else:
+            self.outbox.add_result(result)
+        finally:
+            self.held.pop(a.lease, None)
+            self.pipeline.started.discard(a.lease)
+            self._changed.set()
+
+    # ---- asking for work --------------------------------------------------------------------
+
+    async def _request(self, client: aiomqtt.Client, slots: int) -> None:
+        self._seq += 1
+        request = WorkRequest(node=self.id, owner=self.settings.owner, slots=slots,
+                              models=self.cache.digests(), runtime=self.runtime, seq=self._seq)
+        await publish(client, self.topics.work(self.id), request, self.identity)
+
+    async def _pull_loop(self) -> None:
+        """The coordinator keeps only our newest request and answers when it has work, perhaps much
+        later, perhaps in several messages; re-sending every heartbeat keeps the count current
+        (slots=0 when full) and doubles as a liveness signal."""
+        loop = asyncio.get_running_loop()
+        last = -float("inf")
+        self._idle_mark = (loop.time(), 0)
+        while not self.draining:
+            wait = max(0.0, last + self.settings.heartbeat_seconds - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=wait)
+            changed = self._changed.is_set()
+            self._changed.clear()
+            client = await self.link.connected()
+            if self.draining:
+                return
+            want = batching.want(capacity=self.settings.capacity, held=len(self.held))
+            due = loop.time() - last >= self.settings.heartbeat_seconds
+            if self._force_request or (changed and want > 0) or due:
+                self._explain_idle(loop.time())
+                try:
+                    await self._request(client, want)
+                    self._force_request = False
+                except aiomqtt.MqttError as exc:
+                    log.debug(kv("request_not_sent", error=str(exc)))
+                last = loop.time()
+
+    def _explain_idle(self, now: float) -> None:
+        """Log, about once a minute, why a connected node is doing nothing."""
+        if self.held or self.counters["assigned"] != self._idle_mark[1]:
+            self._idle_mark = (now, self.counters["assigned"])
+        elif now - self._idle_mark[0] >= IDLE_REPORT_SECONDS:
+            log.info(kv("no_work", idle_seconds=round(now - self._idle_mark[0]),
+                        asked_for=self.settings.capacity,
+                        hint="the coordinator has no open task this node may take (no jobs, or every open "
+                             "task already has a replica on this node or owner)"))
+            self._idle_mark = (now, self.counters["assigned"])

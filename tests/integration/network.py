@@ -1,0 +1,47 @@
+"""A whole network of real processes for integration tests: a coordinator on a temporary SQLite
+database and node daemons, against a real broker. Every process is stopped by PID afterwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cli.processes import ManagedProcess, ProcessGroup, free_port
+
+READY_TIMEOUT = 60.0
+
+
+@dataclass
+class Network:
+    group: ProcessGroup
+    tmp: Path
+    broker_url: str
+    http_port: int = field(default_factory=free_port)
+    coordinator: ManagedProcess | None = None
+    nodes: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def db(self) -> Path:
+        return self.tmp / "coordinator.db"
+
+    def start_coordinator(self, *extra: str) -> ManagedProcess:
+        self.coordinator = self.group.start(
+            "coordinator",
+            ["--broker", self.broker_url, "--db", f"sqlite:///{self.db}", "--http", f"127.0.0.1:{self.http_port}",
+             *extra],
+            ready=r"coordinator ready", timeout=READY_TIMEOUT, name="coordinator")
+        return self.coordinator
+
+    def start_node(self, owner: str, *, slots: int = 1, index: int | None = None) -> ManagedProcess:
+        i = len(self.nodes) if index is None else index
+        proc = self.group.start(
+            "node",
+            ["--broker", self.broker_url, "--coordinator", self.url, "--key", str(self.tmp / f"node{i}.key"),
+             "--owner", owner, "--slots", str(slots), "--cache-dir", str(self.tmp / f"cache{i}")],
+            ready=r"node ready", timeout=READY_TIMEOUT, name=f"node{i}-{owner}")
+        self.nodes.append(proc)
+        return proc

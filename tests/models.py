@@ -1,0 +1,143 @@
+"""Tiny ONNX graphs built with `onnx.helper`, for exact and fast tests.
+
+Each function returns the serialized model. Opset 17 with IR version 8 (ONNX 1.12's pairing), which
+every onnxruntime since 1.13 loads. Where numbers are involved they are chosen to be exact in
+float32, so a test can compare onnxruntime's answer with numpy's bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8
+VOCAB = 50
+EMBED_DIM = 3
+SEQ_IDS = 6
+
+
+def _model(graph: onnx.GraphProto) -> bytes:
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sparecycles-tests"
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()
+
+
+def classifier_weights(features: int = 8, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(W [features, classes], b [classes]); multiples of 1/8 so the logits are exact in float32."""
+    rng = np.random.default_rng(seed)
+    weights = (rng.integers(-8, 9, size=(features, classes)) / 8).astype(np.float32)
+    bias = (rng.integers(-8, 9, size=classes) / 8).astype(np.float32)
+    return weights, bias
+
+
+def classifier(features: int = 8, classes: int = 4, seed: int = 0) -> bytes:
+    """probs = Softmax(x @ W + b): input "x" float32 [N, features], output "probs" float32 [N, classes]."""
+    weights, bias = classifier_weights(features, classes, seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["logits_nobias"]),
+            helper.make_node("Add", ["logits_nobias", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+        ],
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", classes])],
+        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    return _model(graph)
+
+
+def two_inputs() -> bytes:
+    """Inputs "a", "b" float32 [N, 4]; outputs "sum.out" = a + b (a name with a dot) and "prod" = a * b."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["a", "b"], ["sum.out"]),
+            helper.make_node("Mul", ["a", "b"], ["prod"]),
+        ],
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("sum.out", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("prod", TensorProto.FLOAT, ["N", 4]),
+        ],
+    )
+    return _model(graph)
+
+
+def embedding_table(seed: int = 0) -> np.ndarray:
+    """[VOCAB, EMBED_DIM] float32, multiples of 1.5: a sum of six is a multiple of 1.5, so its mean
+    is a multiple of 0.25 and exact however the runtime divides by six."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(-8, 9, size=(VOCAB, EMBED_DIM)) * 1.5).astype(np.float32)
+
+
+def int_input(index_dtype: type[np.integer] = np.int64, seed: int = 0) -> bytes:
+    """emb_mean = mean over the ids of table[ids]: input "ids" int64 (or int32) [N, 6],
+    output "emb_mean" float32 [N, 3]. Opset 17's ReduceMean takes `axes` as an attribute (18 moved
+    it to an input)."""
+    elem = {np.int64: TensorProto.INT64, np.int32: TensorProto.INT32}[index_dtype]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["embedded"], axis=0),
+            helper.make_node("ReduceMean", ["embedded"], ["emb_mean"], axes=[1], keepdims=0),
+        ],
+        "int_input",
+        [helper.make_tensor_value_info("ids", elem, ["N", SEQ_IDS])],
+        [helper.make_tensor_value_info("emb_mean", TensorProto.FLOAT, ["N", EMBED_DIM])],
+        initializer=[numpy_helper.from_array(embedding_table(seed), "table")],
+    )
+    return _model(graph)
+
+
+def int32_input(seed: int = 0) -> bytes:
+    """`int_input` with int32 ids."""
+    return int_input(np.int32, seed)
+
+
+def dynamic_seq() -> bytes:
+    """Input "tokens" float32 [N, "seq"] (a symbolic non-batch axis); outputs "scaled" [N, "seq"] =
+    tokens * 2 and "total" [N] = sum over seq (ReduceSum takes `axes` as an input since opset 13)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["tokens", "two"], ["scaled"]),
+            helper.make_node("ReduceSum", ["tokens", "seq_axis"], ["total"], keepdims=0),
+        ],
+        "dynamic_seq",
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", "seq"])],
+        [
+            helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["N", "seq"]),
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, ["N"]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "seq_axis"),
+        ],
+    )
+    return _model(graph)
+
+
+def nan_model() -> bytes:
+    """Input "x" float32 [N, 4]; output "y" = (x - x) / (x - x), NaN for every finite input."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["x", "x"], ["zero"]),
+            helper.make_node("Div", ["zero", "zero"], ["y"]),
+        ],
+        "nan_model",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    return _model(graph)
+
+
+def invalid_model_bytes() -> bytes:
+    """Bytes no ONNX parser accepts: 0xFF starts a protobuf field with the invalid wire type 7."""
+    return b"\xff\xff\xff\xffthis is not an ONNX model\x00"

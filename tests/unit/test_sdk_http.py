@@ -1,0 +1,485 @@
+"""client.sdk (and the `sparecycles` client commands) against a small real HTTP peer.
+
+`FakeCoordinator` implements just enough of docs/http-api.md, on a real aiohttp server on
+127.0.0.1, to see what the SDK sends: it parses NPZ with numpy's own `np.load`, pages with a small
+page size of its own, and records every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import socket
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from cli.main import main
+from client.errors import CoordinatorUnavailable, JobFailed, RequestRejected, WaitTimeout
+from client.npz import from_npz
+from client.progress import ProgressReporter
+from client.sdk import CoordinatorClient
+
+MODEL = b"\x08\x07fake onnx bytes"
+MODEL_SHA = hashlib.sha256(MODEL).hexdigest()
+PAGE = 2  # the peer's own page cap, smaller than any limit the SDK asks for
+
+ENTRIES = [{"seq": s, "node": f"n{s % 2}", "owner": "alice", "job": "j1", "task": f"t{s}", "amount": 10,
+            "result_digest": "ab" * 32, "created_at": 1_700_000_000 + s} for s in range(1, 6)]
+ACCEPTED = [{"seq": s, "task": f"t{s}", "job": "j1", "node": f"n{s % 2}", "owner": "alice",
+             "output_digest": "cd" * 32, "task_state": "verified"} for s in range(1, 4)]
+BALANCES = {"nodes": [{"node": "n0", "owner": "alice", "credits": 20, "entries": 2},
+                      {"node": "n1", "owner": "bob", "credits": 30.5, "entries": 3}],
+            "owners": [{"owner": "alice", "credits": 20, "entries": 2},
+                       {"owner": "bob", "credits": 30.5, "entries": 3}],
+            "total_credits": 50.5, "entries": 5}
+
+
+@dataclass
+class FakeJob:
+    rows: int
+    tasks: int
+    outcome: str = "done"  # "done", "failed" or "stuck"
+    polls: int = 0
+    inputs: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class FakeCoordinator:
+    models: set[str] = field(default_factory=set)
+    jobs: dict[str, FakeJob] = field(default_factory=dict)
+    log: list[tuple[str, str]] = field(default_factory=list)
+    job_queries: list[dict[str, str]] = field(default_factory=list)
+    job_content_types: list[str] = field(default_factory=list)
+    afters: dict[str, list[str | None]] = field(default_factory=dict)
+    outcome: str = "done"
+
+    def app(self) -> web.Application:
+        @web.middleware
+        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.log.append((request.method, request.path))
+            response: web.StreamResponse = await handler(request)
+            return response
+
+        app = web.Application(middlewares=[record])
+        app.router.add_head("/v1/models/{digest}", self.head_model)
+        app.router.add_put("/v1/models", self.put_model)
+        app.router.add_post("/v1/jobs", self.post_job)
+        app.router.add_get("/v1/jobs/{job}", self.get_job)
+        app.router.add_get("/v1/jobs/{job}/outputs", self.get_outputs)
+        app.router.add_get("/v1/ledger/balances", self.balances)
+        app.router.add_get("/v1/ledger/nodes/{node}", self.node)
+        app.router.add_get("/v1/ledger/entries", self.paged("entries", ENTRIES))
+        app.router.add_get("/v1/ledger/accepted", self.paged("accepted", ACCEPTED))
+        return app
+
+    @staticmethod
+    def error(status: int, message: str) -> web.Response:
+        return web.json_response({"error": message}, status=status)
+
+    async def head_model(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if request.match_info["digest"] in self.models else 404)
+
+    async def put_model(self, request: web.Request) -> web.Response:
+        digest = hashlib.sha256(await request.read()).hexdigest()
+        known = digest in self.models
+        self.models.add(digest)
+        return web.json_response({"model": digest, "size": len(MODEL)}, status=200 if known else 201)
+
+    async def post_job(self, request: web.Request) -> web.Response:
+        self.job_content_types.append(request.content_type)
+        self.job_queries.append(dict(request.query))
+        if request.query.get("model") not in self.models:
+            return self.error(404, "unknown model: upload it first with PUT /v1/models")
+        with np.load(io.BytesIO(await request.read()), allow_pickle=False) as npz:
+            inputs = {name: npz[name] for name in npz.files}
+        rows = len(next(iter(inputs.values())))
+        size = int(request.query.get("task_size", "2"))
+        job_id = f"j{len(self.jobs) + 1}"
+        self.jobs[job_id] = FakeJob(rows=rows, tasks=-(-rows // size), outcome=self.outcome, inputs=inputs)
+        return web.json_response({"job": job_id, "rows": rows, "tasks": self.jobs[job_id].tasks}, status=202)
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job"]
+        job = self.jobs.get(job_id)
+        if job is None:
+            return self.error(404, "unknown job")
+        verified = min(job.polls, job.tasks)
+        job.polls += 1
+        state = "running"
+        failures: list[dict[str, str]] = []
+        if job.outcome == "failed" and job.polls > 1:
+            state, failures = "failed", [{"task": f"{job_id}.0", "reason": "no quorum after 6 results"}]
+        elif job.outcome == "done" and verified == job.tasks:
+            state = "done"
+        failed = len(failures)
+        return web.json_response({
+            "job": job_id, "model": MODEL_SHA, "state": state, "rows": job.rows,
+            "replicas": 2, "task_size": 2,
+            "tasks": {"total": job.tasks, "verified": verified, "failed": failed,
+                      "open": job.tasks - verified - failed},
+            "error": "1 task failed" if failures else None, "failures": failures,
+            "created_at": 1.0, "finished_at": None})
+
+    async def get_outputs(self, request: web.Request) -> web.Response:
+        job = self.jobs.get(request.match_info["job"])
+        if job is None:
+            return self.error(404, "unknown job")
+        buf = io.BytesIO()
+        x = job.inputs["x.in"]
+        outputs: dict[str, Any] = {"sum.out": x.sum(axis=1), "argmax": x.argmax(axis=1)}
+        np.savez(buf, **outputs)
+        return web.Response(body=buf.getvalue(), content_type="application/x-npz")
+
+    async def balances(self, request: web.Request) -> web.Response:
+        return web.json_response(BALANCES)
+
+    async def node(self, request: web.Request) -> web.Response:
+        node = request.match_info["node"]
+        mine = [e for e in ENTRIES if e["node"] == node]
+        return web.json_response({"node": node, "owner": "alice", "credits": 10 * len(mine), "entries": mine})
+
+    def paged(self, key: str, items: list[dict[str, Any]]) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            self.afters.setdefault(key, []).append(request.query.get("after"))
+            after = int(request.query.get("after", "0"))
+            limit = min(int(request.query.get("limit", "1000")), PAGE)
+            page = [i for i in items if i["seq"] > after][:limit]
+            return web.json_response({key: page, "next": page[-1]["seq"] if len(page) == limit else None})
+        return handler
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def inputs() -> dict[str, Any]:
+    return {"x.in": np.arange(10, dtype=np.float32).reshape(5, 2)}
+
+
+# -- the SDK ---------------------------------------------------------------------------------------
+
+
+async def test_ensure_model_uploads_only_when_head_says_404() -> None:
+    fake = FakeCoordinator()
+    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url("/"))) as client:
+        first = await client.ensure_model(MODEL)
+        second = await client.ensure_model(MODEL)
+
+    assert first == second == MODEL_SHA
+    assert fake.log == [("HEAD", f"/v1/models/{MODEL_SHA}"), ("PUT", "/v1/models"),
+                        ("HEAD", f"/v1/models/{MODEL_SHA}")]
+
+
+async def test_submit_sends_an_npz_body_with_options_as_query_parameters() -> None:
+    fake = FakeCoordinator(models={MODEL_SHA})
+    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+        job = await client.submit(MODEL_SHA, inputs(), replicas=3, task_size=2, final="exact")
+        await client.submit(MODEL_SHA, inputs())
+
+    assert job == {"job": "j1", "rows": 5, "tasks": 3}
+    assert fake.job_content_types == ["application/x-npz", "application/x-npz"]
+    assert fake.job_queries == [{"model": MODEL_SHA, "replicas": "3", "task_size": "2", "final": "exact"},
+                                {"model": MODEL_SHA}]
+    np.testing.assert_array_equal(fake.jobs["j1"].inputs["x.in"], inputs()["x.in"])
+
+
+async def test_a_rejected_request_carries_the_servers_error_message() -> None:
+    fake = FakeCoordinator()
+    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+        with pytest.raises(RequestRejected) as caught:
+            await client.submit(MODEL_SHA, inputs())
+
+    assert caught.value.status == 404
+    assert caught.value.message == "unknown model: upload it first with PUT /v1/models"
+
+
+async def test_entries_and_accepted_follow_next_until_it_is_null() -> None:
+    fake = FakeCoordinator()
+    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+        entries = await client.entries()
+        accepted = await client.accepted()
+
+    assert entries == ENTRIES
+    assert accepted == ACCEPTED
+    assert fake.afters == {"entries": [None, "2", "4"], "accepted": [None, "2"]}
+
+
+async def test_balances_and_history_return_the_servers_json() -> None:
+    fake = FakeCoordinator()
+    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+        balances = await client.balances()
+        history = await client.history("n1")
+
+    assert balances == BALANCES
+    assert [e["seq"] for e in history["entries"]] == [1, 3, 5]
+
+
+async def test_wait_reports_each_change_and_returns_the_done_status_then_outputs_arrive() -> None:
+    fake = FakeCoordinator(models={MODEL_SHA})
+    seen: list[dict[str, Any]] = []
+    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+        job = await client.submit(MODEL_SHA, inputs(), task_size=2)
+        final = await client.wait(job["job"], on_progress=seen.append, poll=0.01)
+        outputs = await client.outputs(job["job"])
+
+    assert final["state"] == "done"
+    assert [s["tasks"]["verified"] for s in seen] == [0, 1, 2, 3]
+    assert set(outputs) == {"sum.out", "argmax"}
+    np.testing.assert_array_equal(outputs["sum.out"], inputs()["x.in"].sum(axis=1))
+
+
+async def test_wait_raises_job_failed_with_the_failure_reasons() -> None:
+    fake = FakeCoordinator(models={MODEL_SHA}, outcome="failed")
+    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+        job = await client.submit(MODEL_SHA, inputs())
+        with pytest.raises(JobFailed) as caught:
+            await client.wait(job["job"], poll=0.01)
+
+    assert caught.value.status["state"] == "failed"
+    assert caught.value.failures == [{"task": "j1.0", "reason": "no quorum after 6 results"}]
+    assert "no quorum after 6 results" in str(caught.value)
+
+
+async def test_wait_gives_up_with_wait_timeout_while_the_job_keeps_running() -> None:
+    fake = FakeCoordinator(models={MODEL_SHA}, outcome="stuck")
+    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+        job = await client.submit(MODEL_SHA, inputs())
+        with pytest.raises(WaitTimeout) as caught:
+            await client.wait(job["job"], poll=0.02, timeout=0.2)
+
+    assert caught.value.last_status is not None
+    assert caught.value.last_status["state"] == "running"
+    assert f"sparecycles status {job['job']}" in str(caught.value)
+
+
+async def test_wait_rides_out_a_coordinator_that_comes_back() -> None:
+    fake = FakeCoordinator(jobs={"j1": FakeJob(rows=4, tasks=2)})  # the job survives in its store
+    port = free_port()
+    seen: list[dict[str, Any]] = []
+
+    async with CoordinatorClient(f"http://127.0.0.1:{port}") as client:
+        waiting = asyncio.create_task(client.wait("j1", on_progress=seen.append, poll=0.01))
+        await asyncio.sleep(0.4)  # nothing listens yet: wait() must keep retrying, not fail
+        assert not waiting.done()
+        async with TestServer(fake.app(), port=port):
+            final = await asyncio.wait_for(waiting, timeout=10)
+
+    assert final["state"] == "done"
+    assert seen[-1]["tasks"]["verified"] == 2
+
+
+async def test_wait_raises_coordinator_unavailable_after_the_grace_period() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    async with CoordinatorClient(url) as client:
+        client.unavailable_grace = 0.3
+        with pytest.raises(CoordinatorUnavailable) as caught:
+            await client.wait("j1", poll=0.01)
+
+    assert url in str(caught.value)
+    assert "sparecycles coordinator" in str(caught.value)
+
+
+async def test_progress_lines_report_verified_tasks_and_the_end() -> None:
+    fake = FakeCoordinator(models={MODEL_SHA})
+    out = io.StringIO()
+    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+        job = await client.submit(MODEL_SHA, inputs(), task_size=2)
+        with ProgressReporter(job["job"], stream=out, interval=0.0) as report:
+            await client.wait(job["job"], on_progress=report, poll=0.01)
+
+    assert out.getvalue().splitlines() == [
+        "job j1: 0/3 tasks verified, 0 failed (0%)",
+        "job j1: 1/3 tasks verified, 0 failed (33%)",
+        "job j1: 2/3 tasks verified, 0 failed (66%)",
+        "job j1: 3/3 tasks verified, 0 failed (100%) done",
+    ]
+
+
+def test_progress_lines_are_throttled_but_the_final_one_always_shows() -> None:
+    now = [0.0]
+    out = io.StringIO()
+    report = ProgressReporter("j9", stream=out, interval=1.0, clock=lambda: now[0])
+
+    def status(verified: int, state: str = "running") -> dict[str, Any]:
+        return {"state": state, "tasks": {"total": 29, "verified": verified, "failed": 0}}
+
+    report(status(0))
+    now[0] = 0.5
+    report(status(5))  # too soon
+    now[0] = 1.2
+    report(status(12))
+    now[0] = 1.3
+    report(status(29, "done"))  # final: shown at once
+
+    assert out.getvalue().splitlines() == [
+        "job j9: 0/29 tasks verified, 0 failed (0%)",
+        "job j9: 12/29 tasks verified, 0 failed (41%)",
+        "job j9: 29/29 tasks verified, 0 failed (100%) done",
+    ]
+
+
+# -- the CLI over HTTP -----------------------------------------------------------------------------
+
+
+@contextmanager
+def serving(fake: FakeCoordinator) -> Iterator[str]:
+    """The fake on a real socket in a thread, for `main()`, which runs its own event loop."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(fake.app())
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+
+def write_submission(tmp_path: Path) -> tuple[Path, Path]:
+    model, data = tmp_path / "model.onnx", tmp_path / "inputs.npz"
+    model.write_bytes(MODEL)
+    np.savez(data, **inputs())
+    return model, data
+
+
+def test_cli_submit_writes_the_outputs_and_a_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeCoordinator()
+    model, data = write_submission(tmp_path)
+    out = tmp_path / "out.npz"
+
+    with serving(fake) as url:
+        code = main(["submit", str(model), str(data), "--coordinator", url, "--task-size", "2",
+                     "--replicas", "2", "--final", "exact", "-o", str(out)])
+
+    err = capsys.readouterr().err
+    assert code == 0, err
+    outputs = from_npz(out.read_bytes())
+    assert set(outputs) == {"sum.out", "argmax"}
+    np.testing.assert_array_equal(outputs["sum.out"], inputs()["x.in"].sum(axis=1))
+    assert fake.job_queries == [{"model": MODEL_SHA, "replicas": "2", "task_size": "2", "final": "exact"}]
+    assert "job j1: 3/3 tasks verified, 0 failed (100%) done" in err
+    assert "job j1: 5 rows in 3 tasks" in err and str(out) in err
+
+
+def test_cli_submit_of_a_failing_job_exits_1_with_the_reasons(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = write_submission(tmp_path)
+    out = tmp_path / "out.npz"
+
+    with serving(FakeCoordinator(outcome="failed")) as url:
+        code = main(["submit", str(model), str(data), "--coordinator", url, "-o", str(out)])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "job j1 failed: 1 task failed" in err
+    assert "task j1.0: no quorum after 6 results" in err
+    assert not out.exists()
+
+
+def test_cli_balances_json_prints_exactly_the_servers_json(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(FakeCoordinator()) as url:
+        code = main(["ledger", "balances", "--coordinator", url, "--json"])
+
+    captured = capsys.readouterr()
+    assert code == 0
+    assert json.loads(captured.out) == BALANCES
+    assert captured.out.count("\n") == 1
+
+
+def test_cli_balances_table_lists_nodes_and_owners(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(FakeCoordinator()) as url:
+        code = main(["ledger", "balances", "--coordinator", url])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert lines[0].split() == ["node", "owner", "credits", "entries"]
+    assert lines[1].split() == ["n0", "alice", "20", "2"]
+    assert lines[2].split() == ["n1", "bob", "30.5", "3"]
+    assert ["bob", "30.5", "3"] in [line.split() for line in lines]
+    assert lines[-1] == "total: 50.5 credits in 5 entries"
+
+
+def test_cli_history_and_status_json(capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeCoordinator(jobs={"j7": FakeJob(rows=4, tasks=2)})
+    with serving(fake) as url:
+        history_code = main(["ledger", "history", "n1", "--coordinator", url, "--json"])
+        history = json.loads(capsys.readouterr().out)
+        status_code = main(["status", "j7", "--coordinator", url, "--json"])
+        status = json.loads(capsys.readouterr().out)
+
+    assert (history_code, status_code) == (0, 0)
+    assert history["node"] == "n1" and len(history["entries"]) == 3
+    assert status["job"] == "j7" and status["state"] == "running"
+
+
+def test_cli_status_of_an_unknown_job_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(FakeCoordinator()) as url:
+        code = main(["status", "nope", "--coordinator", url])
+
+    assert code == 2
+    assert "unknown job" in capsys.readouterr().err
+
+
+def fake_verify(monkeypatch: pytest.MonkeyPatch, problems: list[str]) -> list[tuple[Any, ...]]:
+    calls: list[tuple[Any, ...]] = []
+
+    def find_discrepancies(entries: Any, accepted: Any, balances: Any) -> list[str]:
+        calls.append((entries, accepted, balances))
+        return problems
+
+    module = types.ModuleType("ledger.verify")
+    module.find_discrepancies = find_discrepancies  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ledger.verify", module)
+    return calls
+
+
+def test_cli_verify_passes_every_page_to_the_checker_and_reports_ok(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = fake_verify(monkeypatch, [])
+
+    with serving(FakeCoordinator()) as url:
+        code = main(["ledger", "verify", "--coordinator", url])
+
+    assert code == 0
+    assert calls == [(ENTRIES, ACCEPTED, BALANCES)]
+    assert capsys.readouterr().out.strip() == "ledger OK: 5 entries, 50.5 credits, 2 nodes"
+
+
+def test_cli_verify_reports_the_first_discrepancy_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_verify(monkeypatch, ["entry 3 credits task t3 twice", "balance of n1 is off by 10"])
+
+    with serving(FakeCoordinator()) as url:
+        code = main(["ledger", "verify", "--coordinator", url])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "2 discrepancies" in out
+    assert "entry 3 credits task t3 twice" in out
+    assert "balance of n1" not in out
