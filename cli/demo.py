@@ -12,12 +12,15 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -29,6 +32,7 @@ from .processes import ManagedProcess, ProcessError, ProcessGroup, free_port
 from .workloads import Workload, accuracy, digits_mlp, predicted_labels, run_onnx
 
 READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
 WATCH_SECONDS = 0.5
 # The network runs each task as one batch while the local check runs all rows at once; batching
 # moves a probability by up to ~5.5e-3 on a real classifier (DESIGN §4), so allow a little more.
@@ -107,6 +111,22 @@ def start_broker(group: ProcessGroup) -> str:
     broker = group.start("cli.broker", ["--listen", "127.0.0.1:0"], name="broker")
     url = broker.wait_for_line(r"broker ready (mqtt://\S+)", READY_TIMEOUT).group(1)
     say(f"      broker ready at {url} (pid {broker.pid})")
+    return url
+
+
+def use_broker(url: str) -> str:
+    """Check a given broker answers on TCP first: otherwise the coordinator and nodes would only
+    retry quietly and the demo would fail a minute later on a ready timeout."""
+    say(f"[1/6] using the MQTT broker at {url}")
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+        raise DemoFailed(f"--broker {url!r} is not mqtt://HOST:PORT")
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 1883), timeout=5):
+            pass
+    except OSError as exc:
+        raise DemoFailed(f"cannot reach the MQTT broker at {url} ({exc}); start one, "
+                         "or leave out --broker to use the embedded broker") from None
     return url
 
 
@@ -275,9 +295,7 @@ def print_balances(balances: dict[str, Any]) -> None:
 def run(settings: DemoSettings, workdir: Path) -> None:
     with ProcessGroup(workdir / "logs") as group:
         try:
-            broker_url = settings.broker or start_broker(group)
-            if settings.broker:
-                say(f"[1/6] using the MQTT broker at {broker_url}")
+            broker_url = use_broker(settings.broker) if settings.broker else start_broker(group)
             coordinator_url = start_coordinator(group, broker_url, workdir, settings.replicas)
             nodes = start_nodes(group, settings.nodes, broker_url, coordinator_url, workdir)
             workload = build_workload(settings.seed)  # trains while the nodes start up
@@ -286,10 +304,19 @@ def run(settings: DemoSettings, workdir: Path) -> None:
             check_outputs(workload, report)
             print_balances(report.balances)
         finally:
-            say(f"stopping the {len(group.processes)} processes this demo started")
-            codes = group.stop_all()
-        unclean = {name: code for name, code in codes.items() if code != 0}
-        say("all stopped cleanly" if not unclean else f"stopped; non-zero exit codes: {unclean}")
+            say(f"stopping the {len(group.processes)} processes this demo started (SIGTERM, by PID)")
+            report_stops(group.stop_all(STOP_TIMEOUT))
+
+
+def report_stops(codes: dict[str, int]) -> None:
+    killed = [name for name, code in codes.items() if code == -signal.SIGKILL]
+    failed = {name: code for name, code in codes.items() if code != 0 and name not in killed}
+    if killed:
+        say(f"      needed SIGKILL after {STOP_TIMEOUT:g} s: {', '.join(killed)}")
+    if failed:
+        say(f"      exited with errors: {', '.join(f'{n} ({c})' for n, c in failed.items())}")
+    if not killed and not failed:
+        say("      all stopped cleanly")
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -23,7 +23,14 @@ from protocol.messages import Assignment, Result
 
 from .quorum import Accepted, Vote, check_finite, decide_quorum
 from .records import (
-    JobFinished, JobRecord, LeaseClosed, LeaseIssued, LeaseRecord, Op, ResultRecorded, TaskDecided,
+    JobFinished,
+    JobRecord,
+    LeaseClosed,
+    LeaseIssued,
+    LeaseRecord,
+    Op,
+    ResultRecorded,
+    TaskDecided,
     TaskRecord,
 )
 from .scheduler import JobState, TaskState, check_transition, may_take, plan_replicas

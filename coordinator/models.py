@@ -66,5 +66,5 @@ def inspect_model(data: bytes) -> dict[str, Any]:
 def graph_is_tensor(model: onnx.ModelProto, name: str) -> bool:
     for vi in (*model.graph.input, *model.graph.output):
         if vi.name == name:
-            return vi.type.HasField("tensor_type")
+            return bool(vi.type.HasField("tensor_type"))
     return False

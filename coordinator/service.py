@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 import secrets
 import socket
 import time
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

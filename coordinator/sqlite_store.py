@@ -18,7 +18,15 @@ from ledger import sqlite as ledger_sql
 from ledger.entries import Balances, Entry
 
 from .records import (
-    BlobPut, JobFinished, JobRecord, LeaseClosed, LeaseIssued, LeaseRecord, Op, ResultRecorded, TaskDecided,
+    BlobPut,
+    JobFinished,
+    JobRecord,
+    LeaseClosed,
+    LeaseIssued,
+    LeaseRecord,
+    Op,
+    ResultRecorded,
+    TaskDecided,
     TaskRecord,
 )
 from .scheduler import JobState, TaskState

@@ -22,8 +22,17 @@ from ledger.store import InMemoryLedgerStore
 
 from .quorum import Tolerance
 from .records import (
-    BlobPut, JobFinished, JobRecord, JobSpec, LeaseClosed, LeaseIssued, LeaseRecord, Op, ResultRecorded,
-    TaskDecided, TaskRecord,
+    BlobPut,
+    JobFinished,
+    JobRecord,
+    JobSpec,
+    LeaseClosed,
+    LeaseIssued,
+    LeaseRecord,
+    Op,
+    ResultRecorded,
+    TaskDecided,
+    TaskRecord,
 )
 from .scheduler import JobState, TaskState
 

@@ -40,13 +40,13 @@ def _unpack(data: bytes, max_size: int) -> Any:
 
 
 def seal(message: Message, identity: Identity) -> bytes:
-    body = msgpack.packb(message.to_wire(), use_bin_type=True)
+    body: bytes = msgpack.packb(message.to_wire(), use_bin_type=True)
     kind = message.KIND
-    return msgpack.packb(
+    return bytes(msgpack.packb(
         {"v": PROTOCOL_VERSION, "kind": kind, "body": body, "sig": identity.sign(kind, body),
          "pk": identity.public_key},
         use_bin_type=True,
-    )
+    ))
 
 
 def open_envelope(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +110,7 @@ def slice_rows(tensors: TensorMap, start: int, stop: int) -> dict[str, Tensor]:
     return {name: Tensor.from_array(t.to_array()[start:stop]) for name, t in tensors.items()}
 
 
-def concat_rows(parts: list[TensorMap]) -> dict[str, Tensor]:
+def concat_rows(parts: Sequence[TensorMap]) -> dict[str, Tensor]:
     if not parts:
         return {}
     names = list(parts[0])

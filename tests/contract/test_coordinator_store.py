@@ -10,7 +10,13 @@ import pytest
 
 from coordinator.jobs import JobOptions, plan_job
 from coordinator.records import (
-    BlobPut, JobFinished, LeaseClosed, LeaseIssued, LeaseRecord, ResultRecorded, TaskDecided,
+    BlobPut,
+    JobFinished,
+    LeaseClosed,
+    LeaseIssued,
+    LeaseRecord,
+    ResultRecorded,
+    TaskDecided,
 )
 from coordinator.scheduler import JobState, TaskState
 from coordinator.store import CoordinatorStore, open_store
@@ -68,7 +74,8 @@ async def test_a_verdict_applied_twice_credits_once(store: CoordinatorStore) -> 
     balances = await store.ledger_balances()
     assert balances.entries == 2 and balances.total_credits == 10
     accepted = await store.accepted(0, 100)
-    assert {(a["task"], a["node"], a["task_state"]) for a in accepted} == {(t0, "n1", "verified"), (t0, "n2", "verified")}
+    assert {(a["task"], a["node"], a["task_state"]) for a in accepted} == {
+        (t0, "n1", "verified"), (t0, "n2", "verified")}
 
 
 async def test_load_returns_open_tasks_with_their_live_leases_and_votes(store: CoordinatorStore) -> None:

@@ -67,7 +67,8 @@ def test_the_compose_layout_runs_as_real_processes(tmp_path: Path) -> None:
     if not Path(mosquitto).exists():
         pytest.fail("mosquitto is not installed: apt-get install mosquitto")
     broker_port, http_port = free_port(), free_port()
-    conf = (ROOT / "deploy" / "mosquitto.conf").read_text().replace("listener 1883", f"listener {broker_port} 127.0.0.1")
+    conf = (ROOT / "deploy" / "mosquitto.conf").read_text()
+    conf = conf.replace("listener 1883", f"listener {broker_port} 127.0.0.1")
     (tmp_path / "mosquitto.conf").write_text(conf)
 
     def local(command: list[str]) -> list[str]:

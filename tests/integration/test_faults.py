@@ -143,7 +143,7 @@ def test_a_coordinator_killed_mid_job_resumes_after_restart_and_credits_nothing_
     status, outputs = asyncio.run(finish())
     assert status["state"] == "done" and status["tasks"]["verified"] == 12
     assert_outputs_match(outputs, local_run(model, {"x": x}))
-    problems, balances, entries = asyncio.run(ledger_consistent(network))
+    problems, _, entries = asyncio.run(ledger_consistent(network))
     assert problems == []
     assert len(entries) == 24 and len({(e["task"], e["node"]) for e in entries}) == 24
 
@@ -173,8 +173,8 @@ def test_malformed_and_oversized_http_requests_get_clear_errors_and_the_coordina
                                                                                    "data": [[1, 2, 3]]}}})
             await call("POST", "/v1/jobs", json={"model": digest, "inputs": {"wrong": {
                 "dtype": "float32", "shape": [1, 8], "data": [[0] * 8]}}})
-            await call("POST", "/v1/jobs", data=io.BytesIO(b"\0" * (5 * 2**20)), headers={"Content-Type": "application/x-npz"},
-                       params={"model": digest})
+            await call("POST", "/v1/jobs", data=io.BytesIO(b"\0" * (5 * 2**20)),
+                       headers={"Content-Type": "application/x-npz"}, params={"model": digest})
             await call("GET", "/v1/health")
         return out
 

@@ -127,7 +127,7 @@ def test_a_liar_is_outvoted_and_not_credited() -> None:
     assert out == {}  # a third replica is wanted but nobody is waiting
     third = engine.on_work_request("n2", "o2", 1, 1, now=1, now_wall=1)["n2"][0]
     engine.on_result("n2", *answer(third, honest(third)), None, now=2, now_wall=2)
-    decided = [op for op in engine.ops if isinstance(op, TaskDecided)][0]
+    decided = next(op for op in engine.ops if isinstance(op, TaskDecided))
     assert {c.node for c in decided.credits} == {"n1", "n2"}
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from coordinator.partition import auto_task_size, partition_rows
@@ -9,7 +11,7 @@ from coordinator.scheduler import InvalidTransition, TaskState, check_transition
 def test_partition_covers_every_row_once_in_order() -> None:
     ranges = partition_rows(1797, 64)
     assert ranges[0].start == 0 and ranges[-1].stop == 1797
-    assert all(a.stop == b.start for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a.stop == b.start for a, b in itertools.pairwise(ranges))
     assert max(r.rows for r in ranges) <= 64
     assert max(r.rows for r in ranges) - min(r.rows for r in ranges) <= 1  # even split
 

@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 from protocol.codec import open_envelope, seal
 from protocol.digests import node_id_from_public_key
 from protocol.errors import (
-    BadSignature, BadTensor, MalformedMessage, OversizedMessage, PeerError, UnsupportedVersion,
+    BadSignature,
+    BadTensor,
+    MalformedMessage,
+    OversizedMessage,
+    PeerError,
+    UnsupportedVersion,
 )
 from protocol.messages import Assignment, Assignments, Release, Result, Results, WorkRequest
 from protocol.npz import from_npz, to_npz

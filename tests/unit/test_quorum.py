@@ -72,7 +72,8 @@ def test_results_from_two_nodes_of_one_owner_do_not_make_a_quorum() -> None:
 
 
 def test_a_liar_is_outvoted_and_left_out_of_the_agreeing_group() -> None:
-    honest1, liar, honest2 = vote("n1", "o1", [[0.2, 0.8]]), vote("n2", "o2", [[0.9, 0.1]]), vote("n3", "o3", [[0.2, 0.8]])
+    honest1, honest2 = vote("n1", "o1", [[0.2, 0.8]]), vote("n3", "o3", [[0.2, 0.8]])
+    liar = vote("n2", "o2", [[0.9, 0.1]])
     assert isinstance(decide_quorum([honest1, liar], k=2, tol=TOL), Undecided)
     verdict = decide_quorum([honest1, liar, honest2], k=2, tol=TOL)
     assert isinstance(verdict, Accepted)
