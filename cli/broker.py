@@ -45,7 +45,7 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
     }
 
 
-class NoDelayBroker(Broker):
+class NoDelayBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
     """An amqtt Broker that turns Nagle off on every accepted connection.
 
     asyncio already sets TCP_NODELAY on TCP transports (asyncio/selector_events.py), so this is
@@ -60,6 +60,23 @@ class NoDelayBroker(Broker):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await super().stream_connected(reader, writer, listener_name)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        """Send retained messages only for filters this session subscribed to.
+
+        amqtt 0.12.1 bug: on every CONNECT, `_handle_client_session` calls this for each filter in
+        the broker's *whole* subscription table, so a node connecting after the coordinator
+        subscribed to `status/+` was handed every other node's retained status (seen as a 6-byte
+        "online" the node had to drop as malformed). The check below makes that call a no-op for
+        filters of other clients; the call after a SUBSCRIBE (the session is in the table by
+        then) is unaffected. An amqtt without this private method never calls the override.
+        """
+        topic_filter = subscription[0]
+        subscribers = self._subscriptions.get(topic_filter, ())
+        if any(sub.client_id == session.client_id for sub, _qos in subscribers):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
 
 
 def bound_port(broker: Broker, requested: int) -> int:

@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def _at_least(minimum: int) -> Any:
+def _at_least(minimum: int) -> Callable[[str], int]:
     def parse(value: str) -> int:
         try:
             number = int(value)
@@ -304,8 +305,9 @@ def run(settings: DemoSettings, workdir: Path) -> None:
             check_outputs(workload, report)
             print_balances(report.balances)
         finally:
-            say(f"stopping the {len(group.processes)} processes this demo started (SIGTERM, by PID)")
-            report_stops(group.stop_all(STOP_TIMEOUT))
+            if group.processes:
+                say(f"stopping the {len(group.processes)} processes this demo started (SIGTERM, by PID)")
+                report_stops(group.stop_all(STOP_TIMEOUT))
 
 
 def report_stops(codes: dict[str, int]) -> None:

@@ -64,7 +64,9 @@ class ManagedProcess:
         log_dir: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
+        """Runs `python -m module args`, or `command` as given (e.g. a real Mosquitto)."""
         self.name = name
         self.module = module
         self.args = list(args)
@@ -78,7 +80,7 @@ class ManagedProcess:
             # A new session keeps a terminal's Ctrl-C away from children: the group stops them in
             # order (nodes, then coordinator, then broker) instead of all at once.
             self.popen: subprocess.Popen[bytes] = subprocess.Popen(
-                [sys.executable, "-m", module, *self.args],
+                list(command) if command is not None else [sys.executable, "-m", module, *self.args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -136,6 +138,21 @@ class ManagedProcess:
         while (match := self._check(regex, deadline, timeout)) is None:
             time.sleep(POLL_SECONDS)
         return match
+
+    def wait_for_port(self, port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> None:
+        """Block until `host:port` accepts a TCP connection; ProcessError on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection((host, port), timeout=POLL_SECONDS):
+                    return
+            except OSError:
+                pass
+            if (code := self.popen.poll()) is not None:
+                raise self._failure(f"exited with code {code} before listening on {host}:{port}")
+            if time.monotonic() >= deadline:
+                raise self._failure(f"not listening on {host}:{port} within {timeout:g} s")
+            time.sleep(POLL_SECONDS)
 
     def send_term(self) -> None:
         # Popen.send_signal polls first, so a PID already reaped (and maybe reused) is never signalled.
@@ -197,6 +214,25 @@ class ProcessGroup:
         self.processes.append(proc)
         if ready is not None:
             proc.wait_for_line(ready, timeout)
+        return proc
+
+    def start_command(
+        self,
+        command: Sequence[str],
+        *,
+        name: str,
+        ready: str | None = None,
+        port: int | None = None,
+        timeout: float = 60.0,
+    ) -> ManagedProcess:
+        """Start any program (not a Python module); ready when `ready` is logged and/or `port` listens."""
+        proc = ManagedProcess(name, Path(command[0]).name, command[1:], log_dir=self.log_dir, env=self.env,
+                              command=command)
+        self.processes.append(proc)
+        if ready is not None:
+            proc.wait_for_line(ready, timeout)
+        if port is not None:
+            proc.wait_for_port(port, timeout=timeout)
         return proc
 
     def stop_all(self, timeout: float = 10.0) -> dict[str, int]:

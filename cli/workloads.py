@@ -108,7 +108,7 @@ def _train_digits_mlp(x_train: np.ndarray, y_train: np.ndarray, seed: int) -> by
         options={id(mlp): {"zipmap": False}},
         target_opset=TARGET_OPSET,
     )
-    return onx.SerializeToString()
+    return bytes(onx.SerializeToString())
 
 
 def digits_mlp(seed: int = 0, *, cache: Path | None = None, use_cache: bool = True) -> Workload:
@@ -148,7 +148,7 @@ def predicted_labels(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
     if "label" in outputs:
         return np.asarray(outputs["label"]).reshape(-1)
     scores = outputs["probabilities"] if "probabilities" in outputs else next(iter(outputs.values()))
-    return np.asarray(scores).argmax(axis=-1)
+    return np.asarray(np.asarray(scores).argmax(axis=-1))
 
 
 def accuracy(outputs: Mapping[str, np.ndarray], labels: np.ndarray, rows: np.ndarray | None = None) -> float:

@@ -181,9 +181,12 @@ class CoordinatorClient:
                                   headers={"Content-Type": NPZ})
         return _as_dict(answer, "/v1/jobs")
 
-    async def status(self, job: str) -> dict[str, Any]:
+    async def status(self, job: str, *, wait: float = 0.0) -> dict[str, Any]:
+        """The job's status; with `wait`, the coordinator holds the answer up to `wait` seconds
+        until the job finishes (a long poll: the result arrives without a polling delay)."""
         path = f"/v1/jobs/{quote(job, safe='')}"
-        return _as_dict(await self._json("GET", path), path)
+        params = {"wait": f"{wait:g}"} if wait > 0 else None
+        return _as_dict(await self._json("GET", path, params=params), path)
 
     async def wait(
         self,
@@ -206,12 +209,13 @@ class CoordinatorClient:
         last: dict[str, Any] | None = None
         last_key: str | None = None
         while True:
+            asked = loop.time()
             try:
                 if deadline is None:
-                    st = await self.status(job)
+                    st = await self.status(job, wait=poll)
                 else:
                     async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
-                        st = await self.status(job)
+                        st = await self.status(job, wait=min(poll, max(deadline - loop.time(), 0.0)))
             except TimeoutError as exc:
                 raise WaitTimeout(job, timeout or 0.0, last) from exc
             except (CoordinatorUnavailable, RequestRejected) as exc:
@@ -225,7 +229,9 @@ class CoordinatorClient:
                 delay = min(retry_delay, left)  # one last try right at the end of the grace period
                 retry_delay = min(retry_delay * 2, MAX_RETRY_DELAY)
             else:
-                down_since, retry_delay, last, delay = None, max(poll, 0.05), st, poll
+                # the long poll already waited; sleep only what a coordinator without it did not
+                delay = max(0.0, poll - (loop.time() - asked))
+                down_since, retry_delay, last = None, max(poll, 0.05), st
                 key = json.dumps([st.get("state"), st.get("tasks")], sort_keys=True, default=str)
                 if on_progress is not None and key != last_key:
                     on_progress(st)

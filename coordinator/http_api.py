@@ -133,9 +133,17 @@ async def post_job(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    job = request.app[COORDINATOR].engine.jobs.get(request.match_info["job"])
+    """`?wait=S` long-polls: answers as soon as the job is finished and committed (at most S s)."""
+    c = request.app[COORDINATOR]
+    job = c.engine.jobs.get(request.match_info["job"])
     if job is None:
         return fail(404, "unknown job")
+    try:
+        wait = min(60.0, max(0.0, float(request.query.get("wait", 0))))
+    except ValueError:
+        return fail(400, "wait must be a number of seconds")
+    if wait > 0:
+        await c.wait_finished(job.spec.id, wait)
     return web.json_response(job.status())
 
 

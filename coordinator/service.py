@@ -29,7 +29,7 @@ from protocol.topics import Topics, namespace_prefix
 from .engine import Engine
 from .jobs import JobOptions, plan_job
 from .quorum import Vote
-from .records import BlobPut, JobRecord
+from .records import BlobPut, JobFinished, JobRecord
 from .settings import CoordinatorSettings
 from .store import CoordinatorStore, open_store
 
@@ -52,10 +52,11 @@ class Coordinator:
         self.counters: Counter[str] = Counter()
         self._client: aiomqtt.Client | None = None
         self._dirty = asyncio.Event()
-        self._flushed = asyncio.Condition()
-        self._flush_seq = 0
+        self._flush_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
+        self._finished: dict[str, asyncio.Event] = {}
+        self._outgoing: dict[str, list[Assignment]] = {}
 
     def _key_path(self) -> str:
         if self.settings.key_path:
@@ -114,8 +115,21 @@ class Coordinator:
         log.info("job created job=%s rows=%d tasks=%d replicas=%d", job.spec.id, job.spec.rows, len(tasks),
                  job.spec.replicas)
         await self._send(self.engine.serve_waiting(now=time.monotonic(), now_wall=time.time()))
+        await self._publish_outgoing()
         self._mark_dirty()
         return job
+
+    async def wait_finished(self, job_id: str, seconds: float) -> None:
+        """Return once the job's final state is committed, or after `seconds`."""
+        job = self.engine.jobs[job_id]
+        if job.state != "running":
+            await self.flush()
+            return
+        event = self._finished.setdefault(job_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def job_outputs(self, job_id: str) -> dict[str, npt.NDArray[Any]]:
         await self.flush()
@@ -134,12 +148,19 @@ class Coordinator:
             self._dirty.set()
 
     async def _flush_now(self) -> None:
-        ops, self.engine.ops = self.engine.ops, []
-        if ops:
-            await self.store.apply(ops)
-        async with self._flushed:
-            self._flush_seq += 1
-            self._flushed.notify_all()
+        """Commit every op produced so far, in one transaction, after any commit in flight."""
+        async with self._flush_lock:
+            ops, self.engine.ops = self.engine.ops, []
+            if not ops:
+                return
+            try:
+                await self.store.apply(ops)
+            except BaseException:
+                self.engine.ops[:0] = ops  # not committed: keep them, in order, for the next try
+                raise
+            for op in ops:
+                if isinstance(op, JobFinished) and op.job in self._finished:
+                    self._finished.pop(op.job).set()
 
     async def _persist_loop(self) -> None:
         # Group commit: whatever accumulated while the previous transaction ran goes in the next.
@@ -154,11 +175,8 @@ class Coordinator:
                 self._dirty.set()
 
     async def flush(self) -> None:
-        """Wait until every op produced so far is committed."""
-        async with self._flushed:
-            target = self._flush_seq + (2 if self.engine.ops or self._dirty.is_set() else 1)
-            self._dirty.set()
-            await self._flushed.wait_for(lambda: self._flush_seq >= target)
+        """Return once every op produced so far is committed."""
+        await self._flush_now()
 
     # ---- MQTT ---------------------------------------------------------------------------------
     async def _mqtt_loop(self) -> None:
@@ -179,6 +197,10 @@ class Coordinator:
                     log.info("mqtt connected broker=%s:%d prefix=%s", host, port, self.topics.prefix)
                     async for message in client.messages:
                         await self._on_message(str(message.topic), message.payload)
+                        # Publish once the backlog is drained: under load, the assignments that
+                        # many results freed go out as one message per node; when idle, at once.
+                        if len(client.messages) == 0:
+                            await self._publish_outgoing()
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 self._client = None
@@ -253,6 +275,12 @@ class Coordinator:
         return {n: t.to_array() for n, t in tensors.items()}, None
 
     async def _send(self, outgoing: Mapping[str, list[Assignment]]) -> None:
+        """Queue assignments; the MQTT loop publishes them when its backlog is drained."""
+        for node, items in outgoing.items():
+            self._outgoing.setdefault(node, []).extend(items)
+
+    async def _publish_outgoing(self) -> None:
+        outgoing, self._outgoing = self._outgoing, {}
         client = self._client
         for node, items in outgoing.items():
             if client is None:
@@ -272,6 +300,7 @@ class Coordinator:
             await asyncio.sleep(self.settings.sweep_seconds)
             try:
                 await self._send(self.engine.sweep(now=time.monotonic(), now_wall=time.time()))
+                await self._publish_outgoing()
             finally:
                 self._mark_dirty()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -15,9 +16,17 @@ ENVELOPE_OVERHEAD = 512
 """Bytes around a Results body: envelope keys, signature, public key, node id, msgpack headers."""
 
 
-def want(*, capacity: int, held: int) -> int:
-    """Tasks to ask for: room for `capacity` (slots + prefetch) minus those running or queued."""
-    return max(0, capacity - held)
+def adaptive_prefetch(*, slots: int, task_seconds: float | None, window_seconds: float = 0.05,
+                      max_per_slot: int = 16) -> int:
+    """Assignments to hold beyond the running ones: about `window_seconds` of queued work per slot.
+
+    Tiny tasks need a deep queue or each slot idles for a coordinator round trip (a few ms) after
+    every task; long tasks need only one queued per slot, so a node that dies strands little work.
+    Before the first task has been timed, one per slot."""
+    if task_seconds is None or task_seconds <= 0:
+        return slots
+    per_slot = math.ceil(window_seconds / task_seconds)
+    return slots * max(1, min(max_per_slot, per_slot))
 
 
 def inline_limit(*, max_inline_bytes: int, max_message_bytes: int) -> int:

@@ -55,6 +55,17 @@ def session_options(opt_level: int) -> ort.SessionOptions:
     return opts
 
 
+def sendable_outputs(session: ort.InferenceSession) -> list[str]:
+    """Names of the outputs that are numeric tensors, the only kind the protocol carries.
+
+    Sequences, maps (e.g. skl2onnx's ZipMap probabilities) and string tensors are not requested,
+    so ORT does not compute them; a model with no numeric tensor output at all cannot be served."""
+    names = [o.name for o in session.get_outputs() if o.type.startswith("tensor(") and o.type != "tensor(string)"]
+    if not names:
+        raise TaskFailed("the model has no numeric tensor outputs to send")
+    return names
+
+
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
     outputs: Arrays
@@ -97,7 +108,7 @@ class Runner:
             self._busy += 1
         try:
             session = self._session(model_path, digest, opt_level)
-            names = [o.name for o in session.get_outputs()]
+            names = sendable_outputs(session)
             expected = {i.name for i in session.get_inputs()}
             if set(inputs) != expected:
                 raise TaskFailed(f"inputs {sorted(inputs)} do not match the model's {sorted(expected)}")

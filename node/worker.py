@@ -100,6 +100,9 @@ class Node:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._changed = asyncio.Event()  # held work changed or a new connection: maybe ask for more
         self._force_request = True
+        self._task_seconds: float | None = None  # EWMA of task run time, for the adaptive prefetch
+        # The coordinator may fill the capacity we last announced even if ours has shrunk since.
+        self._announced = 0
         self._seq = time.time_ns() // 1_000_000  # increasing across restarts too, not just in-process
         self._rng = random.Random()
         self._idle_mark = (0.0, 0)  # (since when, assignments then): to explain "why no work"
@@ -231,7 +234,7 @@ class Node:
                 self._seen.popitem(last=False)
             if a.expires_at <= now:
                 expired.append(a.lease)
-            elif self.draining or len(self.held) >= self.settings.capacity:
+            elif self.draining or len(self.held) >= max(self.capacity, self._announced):
                 refused.append(a.lease)
             else:
                 self.counters["assigned"] += 1
@@ -251,6 +254,8 @@ class Node:
             self.outbox.add_result(failed(a, f"node error: {type(exc).__name__}: {exc}"))
         else:
             self.outbox.add_result(result)
+            if result.error is None:
+                self._observe(result.elapsed)
         finally:
             self.held.pop(a.lease, None)
             self.pipeline.started.discard(a.lease)
@@ -258,16 +263,34 @@ class Node:
 
     # ---- asking for work --------------------------------------------------------------------
 
+    @property
+    def capacity(self) -> int:
+        """Leases held at most (running + queued): `--prefetch` if given, else adapted to how long
+        tasks take here (see batching.adaptive_prefetch)."""
+        prefetch = self.settings.prefetch
+        if prefetch is None:
+            prefetch = batching.adaptive_prefetch(slots=self.settings.slots, task_seconds=self._task_seconds)
+        return self.settings.slots + prefetch
+
+    def _observe(self, elapsed: float) -> None:
+        before = self.capacity
+        # EWMA over ~10 tasks: follows a new job's task size quickly, ignores one slow outlier
+        self._task_seconds = elapsed if self._task_seconds is None else 0.9 * self._task_seconds + 0.1 * elapsed
+        if self.capacity > before:
+            self._force_request = True  # tell the coordinator now, not at the next heartbeat
+
     async def _request(self, client: aiomqtt.Client, slots: int) -> None:
+        self._announced = slots
         self._seq += 1
         request = WorkRequest(node=self.id, owner=self.settings.owner, slots=slots,
                               models=self.cache.digests(), runtime=self.runtime, seq=self._seq)
         await publish(client, self.topics.work(self.id), request, self.identity)
 
     async def _pull_loop(self) -> None:
-        """The coordinator keeps only our newest request and answers when it has work, perhaps much
-        later, perhaps in several messages; re-sending every heartbeat keeps the count current
-        (slots=0 when full) and doubles as a liveness signal."""
+        """The request states our capacity (slots + prefetch). The coordinator knows which leases
+        we hold, grants the difference, and refills us as soon as our results arrive, so no
+        request per finished task is needed: one at start, on reconnect, and every heartbeat
+        (in case the coordinator restarted and forgot us)."""
         loop = asyncio.get_running_loop()
         last = -float("inf")
         self._idle_mark = (loop.time(), 0)
@@ -275,17 +298,15 @@ class Node:
             wait = max(0.0, last + self.settings.heartbeat_seconds - loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=wait)
-            changed = self._changed.is_set()
             self._changed.clear()
             client = await self.link.connected()
             if self.draining:
                 return
-            want = batching.want(capacity=self.settings.capacity, held=len(self.held))
             due = loop.time() - last >= self.settings.heartbeat_seconds
-            if self._force_request or (changed and want > 0) or due:
+            if self._force_request or due:
                 self._explain_idle(loop.time())
                 try:
-                    await self._request(client, want)
+                    await self._request(client, self.capacity)
                     self._force_request = False
                 except aiomqtt.MqttError as exc:
                     log.debug(kv("request_not_sent", error=str(exc)))
@@ -297,7 +318,7 @@ class Node:
             self._idle_mark = (now, self.counters["assigned"])
         elif now - self._idle_mark[0] >= IDLE_REPORT_SECONDS:
             log.info(kv("no_work", idle_seconds=round(now - self._idle_mark[0]),
-                        asked_for=self.settings.capacity,
+                        asked_for=self.capacity,
                         hint="the coordinator has no open task this node may take (no jobs, or every open "
                              "task already has a replica on this node or owner)"))
             self._idle_mark = (now, self.counters["assigned"])

@@ -24,7 +24,7 @@ def _model(graph: onnx.GraphProto) -> bytes:
     )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def classifier_weights(features: int = 8, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

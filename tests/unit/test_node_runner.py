@@ -172,6 +172,23 @@ async def test_int64_inputs_and_outputs_round_trip(tmp_path: Path, runner: Runne
     np.testing.assert_array_equal(outcome.outputs["label"], pooled.argmax(-1))
 
 
+async def test_string_and_sequence_outputs_are_left_out_and_tensors_kept(tmp_path: Path, runner: Runner) -> None:
+    model = _model(
+        [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Cast", ["x"], ["text"], to=TensorProto.STRING),
+         helper.make_node("SequenceConstruct", ["x", "x"], ["seq"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2]),
+         helper.make_tensor_value_info("text", TensorProto.STRING, ["N", 2]),
+         helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, ["N", 2])], [])
+    path = _save(model, tmp_path / "mixed.onnx")
+    x = np.ones((3, 2), np.float32)
+
+    outcome = await runner.run(path, _digest(path), 99, {"x": x})
+
+    assert set(outcome.outputs) == {"y"}
+    np.testing.assert_array_equal(outcome.outputs["y"], x)
+
+
 async def test_missing_input_fails_the_task_with_a_reason(tmp_path: Path, runner: Runner) -> None:
     path = _save(two_inputs(), tmp_path / "two.onnx")
 

@@ -1,0 +1,132 @@
+"""End-to-end speed of a sparecycles network on this machine, measured side by side in one run.
+
+    python benchmarks/bench_network.py [--tasks 2000] [--rows 200000] [--latency-runs 200] [--repeats 3]
+
+Starts its own Mosquitto (deploy/mosquitto.conf, TCP_NODELAY, free port), a coordinator on a
+temporary SQLite file and two node daemons of different owners (one slot each: 2 cores), then:
+1. verified tasks/s at k=2 with a tiny model and one row per task (the network path dominates);
+2. rows/s of a large job through the network against plain local onnxruntime on the same cores;
+3. p50/p99 submit-to-result latency of a one-task job (POST job, long-poll status, GET outputs).
+Prints medians over --repeats and the ratios. Stops exactly the processes it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cli.processes import ProcessGroup, free_port  # noqa: E402
+from client.sdk import CoordinatorClient  # noqa: E402
+from tests.models import classifier  # noqa: E402
+
+
+def start_network(group: ProcessGroup, tmp: Path) -> str:
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    broker_port, http_port = free_port(), free_port()
+    if Path(mosquitto).exists():
+        conf = (ROOT / "deploy" / "mosquitto.conf").read_text()
+        (tmp / "mosquitto.conf").write_text(conf.replace("listener 1883", f"listener {broker_port} 127.0.0.1"))
+        group.start_command([mosquitto, "-c", str(tmp / "mosquitto.conf")], name="mosquitto", port=broker_port)
+    else:
+        print("mosquitto not found: using the embedded broker (slower)", file=sys.stderr)
+        group.start("cli.broker", ["--listen", f"127.0.0.1:{broker_port}"], ready=r"broker ready")
+    broker = f"mqtt://127.0.0.1:{broker_port}"
+    url = f"http://127.0.0.1:{http_port}"
+    group.start("coordinator", ["--broker", broker, "--db", f"sqlite:///{tmp}/bench.db", "--http",
+                                f"127.0.0.1:{http_port}", "--log-level", "WARNING"], ready=r"coordinator ready")
+    for owner in ("alice", "bob"):
+        group.start("node", ["--broker", broker, "--coordinator", url, "--key", str(tmp / f"{owner}.key"),
+                             "--owner", owner, "--slots", "1", "--cache-dir", str(tmp / owner),
+                             "--log-level", "WARNING"], ready=r"node ready", name=f"node-{owner}")
+    return url
+
+
+async def timed_job(c: CoordinatorClient, model: str, x: np.ndarray, task_size: int) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    job = await c.submit(model, {"x": x}, task_size=task_size)
+    status = await c.wait(job["job"], poll=5.0, timeout=600)
+    return time.perf_counter() - t0, status
+
+
+def local_rows_per_second(model: bytes, x: np.ndarray, task_size: int) -> float:
+    """Plain onnxruntime on the same two cores, over the same task-sized batches."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    t0 = time.perf_counter()
+    for start in range(0, len(x), task_size):
+        sess.run(None, {"x": x[start:start + task_size]})
+    return len(x) / (time.perf_counter() - t0)
+
+
+async def bench(url: str, args: argparse.Namespace) -> None:
+    model_bytes = classifier(features=8, classes=4)
+    rng = np.random.default_rng(0)
+    async with CoordinatorClient(url) as c:
+        model = await c.ensure_model(model_bytes)
+        await timed_job(c, model, rng.standard_normal((64, 8)).astype(np.float32), 8)  # warm up caches
+
+        tps = []
+        for _ in range(args.repeats):
+            x = rng.standard_normal((args.tasks, 8)).astype(np.float32)
+            seconds, status = await timed_job(c, model, x, 1)
+            assert status["tasks"]["verified"] == args.tasks
+            tps.append(args.tasks / seconds)
+        print(f"verified tasks/s at k=2 (1 row/task, {args.tasks} tasks): median {statistics.median(tps):,.0f} "
+              f"(runs: {', '.join(f'{v:,.0f}' for v in tps)})")
+
+        net, loc = [], []
+        task_size = 4096
+        for _ in range(args.repeats):
+            x = rng.standard_normal((args.rows, 8)).astype(np.float32)
+            seconds, _ = await timed_job(c, model, x, task_size)
+            net.append(args.rows / seconds)
+            loc.append(local_rows_per_second(model_bytes, x, task_size))
+        n, lo = statistics.median(net), statistics.median(loc)
+        print(f"rows/s, {args.rows} rows in tasks of {task_size}: network (k=2) {n:,.0f}, local onnxruntime "
+              f"{lo:,.0f}; ratio network/local {n / lo:.3f} (k=2 computes every row twice: ideal 0.5)")
+
+        lat = []
+        one = rng.standard_normal((1, 8)).astype(np.float32)
+        for _ in range(args.latency_runs):
+            t0 = time.perf_counter()
+            job = await c.submit(model, {"x": one}, task_size=1)
+            await c.wait(job["job"], poll=10.0, timeout=60)
+            await c.outputs(job["job"])
+            lat.append((time.perf_counter() - t0) * 1000)
+        q = statistics.quantiles(lat, n=100)
+        print(f"submit-to-result latency, one-task job ({args.latency_runs} runs): p50 {statistics.median(lat):.2f} ms, "
+              f"p99 {q[98]:.2f} ms")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", type=int, default=2000)
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--latency-runs", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="sparecycles-bench-"))
+    try:
+        with ProcessGroup(tmp / "logs") as group:
+            url = start_network(group, tmp)
+            asyncio.run(bench(url, args))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
