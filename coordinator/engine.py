@@ -20,9 +20,11 @@ import numpy.typing as npt
 from ledger.credit import ModelCost, credit_amount
 from ledger.entries import Credit
 from protocol.messages import Assignment, Result
+from protocol.tensors import encode_tensor_map, tensors_from_arrays
 
 from .quorum import Accepted, Vote, check_finite, decide_quorum
 from .records import (
+    BlobPut,
     JobFinished,
     JobRecord,
     LeaseClosed,
@@ -170,7 +172,8 @@ class Engine:
                 task.owners.discard(lease.owner)
             log.info("invalid result task=%s node=%s problem=%r", task.id, node, task.last_problem)
         else:
-            task.votes.append(Vote(lease.id, node, lease.owner, result.output_digest, outputs))
+            task.votes.append(Vote(lease.id, node, lease.owner, result.output_digest, outputs,
+                                   stored=result.outputs is None))
             verdict = decide_quorum(task.votes, k=job.spec.replicas, tol=job.spec.tolerance)
             if isinstance(verdict, Accepted):
                 self._verify(task, job, verdict, now_wall)
@@ -185,6 +188,9 @@ class Engine:
     def _verify(self, task: TaskRecord, job: JobRecord, verdict: Accepted, now_wall: float) -> None:
         task.state = check_transition(task.state, TaskState.VERIFIED)
         task.canonical_digest = verdict.canonical.output_digest
+        if not verdict.canonical.stored:  # only the accepted outputs are ever read back
+            self.ops.append(BlobPut(task.canonical_digest,
+                                    encode_tensor_map(tensors_from_arrays(verdict.canonical.outputs))))
         amount = credit_amount(ModelCost(job.spec.flops_per_row), task.rows)
         credits = tuple(
             Credit(node=v.node, owner=v.owner, job=job.spec.id, task=task.id, amount=amount,

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import msgpack
 import numpy as np
 from aiohttp import web
 
 from protocol.digests import is_sha256_hex, sha256_hex
 from protocol.errors import PeerError
 from protocol.npz import from_npz, to_npz
-from protocol.tensors import digest_tensors, tensors_from_wire
+from protocol.tensors import decode_tensor_map, digest_tensors
 
 from .jobs import BadJob, JobOptions
 from .models import InvalidModel, inspect_model
@@ -189,8 +188,8 @@ async def put_blob(request: web.Request) -> web.Response:
     digest = request.match_info["digest"]
     data = await request.read()
     try:
-        tensors = tensors_from_wire(msgpack.unpackb(data, raw=False, strict_map_key=True))
-    except (PeerError, ValueError, TypeError, msgpack.ExtraData) as exc:
+        tensors = decode_tensor_map(data)
+    except PeerError as exc:
         return fail(400, f"blob is not a msgpack tensor map: {exc}")
     if digest_tensors(tensors) != digest:
         return fail(400, "blob does not match its digest")

@@ -8,11 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from protocol.tensors import ALLOWED_DTYPES, Tensor, digest_tensors, tensors_to_wire
+from protocol.tensors import ALLOWED_DTYPES, Tensor, digest_tensors, encode_tensor_map
 
 from .partition import auto_task_size, partition_rows
 from .quorum import FINAL_ANSWERS, Tolerance
@@ -85,7 +84,7 @@ def plan_job(meta: Mapping[str, Any], inputs: Mapping[str, npt.NDArray[Any]], op
     for r in ranges:
         tmap = {n: Tensor.from_array(a[r.start:r.stop]) for n, a in contiguous.items()}
         digest = digest_tensors(tmap)
-        blob = msgpack.packb(tensors_to_wire(tmap), use_bin_type=True)
+        blob = encode_tensor_map(tmap)
         blobs[digest] = blob
         tasks.append(TaskRecord(id=f"{job_id}-{r.index:05d}", job=job_id, index=r.index, start=r.start,
                                 stop=r.stop, input_digest=digest, input_bytes=len(blob),

@@ -34,6 +34,7 @@ class Vote:
     owner: str
     output_digest: str
     outputs: Mapping[str, npt.NDArray[Any]]
+    stored: bool = False  # its outputs are already in the blob store (uploaded over HTTP)
 
 
 @dataclass(frozen=True, slots=True)

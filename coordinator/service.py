@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import msgpack
 import numpy.typing as npt
 
 from protocol.codec import open_envelope, seal
@@ -23,22 +22,17 @@ from protocol.digests import node_id_from_public_key
 from protocol.errors import PeerError
 from protocol.messages import Assignment, Assignments, Release, Results, WorkRequest
 from protocol.signing import Identity
-from protocol.tensors import Tensor, concat_rows, digest_tensors, tensors_from_wire, tensors_to_wire
+from protocol.tensors import Tensor, concat_rows, decode_tensor_map, digest_tensors
 from protocol.topics import Topics, namespace_prefix
 
 from .engine import Engine
 from .jobs import JobOptions, plan_job
 from .quorum import Vote
-from .records import BlobPut, JobFinished, JobRecord
+from .records import JobFinished, JobRecord
 from .settings import CoordinatorSettings
 from .store import CoordinatorStore, open_store
 
 log = logging.getLogger("sparecycles.coordinator")
-
-
-def decode_tensor_blob(data: bytes) -> dict[str, Tensor]:
-    raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    return tensors_from_wire(raw)
 
 
 class Coordinator:
@@ -87,12 +81,12 @@ class Coordinator:
             by_job.setdefault(t.job, []).append(t)
             if t.input_bytes <= self.settings.max_inline_bytes:
                 blob = await self.store.get_blob(t.input_digest)
-                t.inputs = decode_tensor_blob(blob) if blob is not None else None
+                t.inputs = decode_tensor_map(blob) if blob is not None else None
         for v in snap.votes:
             blob = await self.store.get_blob(v.output_digest)
             if blob is None:
                 continue  # the result's outputs never reached disk: the task simply needs another one
-            arrays = {n: t.to_array() for n, t in decode_tensor_blob(blob).items()}
+            arrays = {n: t.to_array() for n, t in decode_tensor_map(blob).items()}
             tasks_by_id[v.task].votes.append(Vote(v.lease, v.node, v.owner, v.output_digest, arrays))
         now, wall = time.monotonic(), time.time()
         for job in snap.jobs:
@@ -139,7 +133,7 @@ class Coordinator:
             blob = None if d is None else await self.store.get_blob(d)
             if blob is None:
                 raise RuntimeError(f"job {job_id} has a task without stored outputs")
-            parts.append(decode_tensor_blob(blob))
+            parts.append(decode_tensor_map(blob))
         return {n: t.to_array() for n, t in concat_rows(parts).items()}
 
     # ---- persistence --------------------------------------------------------------------------
@@ -263,14 +257,14 @@ class Coordinator:
         if inline is not None:
             if digest_tensors(inline) != digest:
                 return None, "outputs do not match their digest"
-            self.engine.ops.append(BlobPut(digest, msgpack.packb(tensors_to_wire(inline), use_bin_type=True)))
+            # Not stored yet: the engine stores only the accepted outputs, when it accepts them.
             return {n: t.to_array() for n, t in inline.items()}, None
         blob = await self.store.get_blob(digest)
         if blob is None:
             return None, "outputs were neither inline nor uploaded"
         try:
-            tensors = decode_tensor_blob(blob)
-        except (PeerError, ValueError) as exc:
+            tensors = decode_tensor_map(blob)
+        except PeerError as exc:
             return None, f"uploaded outputs are malformed: {exc}"
         return {n: t.to_array() for n, t in tensors.items()}, None
 

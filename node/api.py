@@ -13,7 +13,7 @@ import msgpack
 
 from protocol import PROTOCOL_VERSION
 from protocol.errors import PeerError
-from protocol.tensors import Tensor, digest_tensors, tensors_from_wire
+from protocol.tensors import Tensor, decode_tensor_map, digest_tensors
 from protocol.topics import Topics
 
 from .errors import CoordinatorUnavailable, TaskFailed
@@ -108,7 +108,7 @@ async def _get_info(session: aiohttp.ClientSession, base_url: str, default_inlin
 def decode_tensor_blob(body: bytes, expected_digest: str) -> dict[str, Tensor]:
     """A msgpack tensor map as served by /v1/blobs; raise TaskFailed unless it hashes to the digest."""
     try:
-        tensors = tensors_from_wire(msgpack.unpackb(body, raw=False, strict_map_key=True))
+        tensors = decode_tensor_map(body)
     except PeerError as exc:
         raise TaskFailed(f"input blob is malformed: {exc}") from exc
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:

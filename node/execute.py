@@ -14,12 +14,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
-import msgpack
 import numpy.typing as npt
 
 from protocol.errors import PeerError
 from protocol.messages import Assignment, Result
-from protocol.tensors import Tensor, digest_tensors, tensors_from_arrays, tensors_to_wire
+from protocol.tensors import Tensor, digest_tensors, encode_tensor_map, tensors_from_arrays
 
 from . import api
 from .cache import ModelCache
@@ -107,7 +106,7 @@ class Pipeline:
         except PeerError as exc:  # e.g. a string output: not a dtype the protocol carries
             raise TaskFailed(f"model output cannot be sent: {exc}") from exc
         digest = digest_tensors(tensors)
-        packed = msgpack.packb(tensors_to_wire(tensors), use_bin_type=True)
+        packed = encode_tensor_map(tensors)
         inline = len(packed) <= self._inline_limit
         if not inline:
             await self._retry("outputs", lambda: api.put_outputs(

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import numpy as np
 import numpy.typing as npt
 
@@ -81,6 +82,20 @@ def tensors_from_wire(raw: Any) -> dict[str, Tensor]:
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
         raise BadTensor("tensor map is not a map of names to tensors")
     return {name: Tensor.from_wire(value) for name, value in raw.items()}
+
+
+def encode_tensor_map(tensors: TensorMap) -> bytes:
+    """The blob form of a tensor map (task inputs, large outputs): msgpack of `tensors_to_wire`."""
+    return bytes(msgpack.packb(tensors_to_wire(tensors), use_bin_type=True))
+
+
+def decode_tensor_map(data: bytes) -> dict[str, Tensor]:
+    """Inverse of `encode_tensor_map`; anything malformed is a `BadTensor` (a peer error)."""
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise BadTensor(f"not a msgpack tensor map: {exc}") from exc
+    return tensors_from_wire(raw)
 
 
 def digest_tensors(tensors: TensorMap) -> str:
