@@ -42,7 +42,8 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
 
 async def serve(settings: CoordinatorSettings) -> None:
     app = make_app(settings)
-    runner = web.AppRunner(app, access_log=None)
+    # A stuck long poll must not hold up SIGTERM for aiohttp's default 60 s.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
     await site.start()

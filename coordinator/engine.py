@@ -24,6 +24,7 @@ from protocol.tensors import encode_tensor_map, tensors_from_arrays
 
 from .quorum import Accepted, Vote, check_finite, decide_quorum
 from .records import (
+    NEVER_RAN,
     BlobPut,
     JobFinished,
     JobRecord,
@@ -71,6 +72,7 @@ class Engine:
         self._waiting: dict[str, Waiting] = {}
         self._node_leases: dict[str, set[str]] = {}
         self._deadlines: list[tuple[float, str]] = []
+        self._unconfirmed: set[str] = set()  # restored leases not yet confirmed by their node
         self.ops: list[Op] = []
         self.counters: Counter[str] = Counter()
 
@@ -90,15 +92,17 @@ class Engine:
         if task is None or task.state is not TaskState.OPEN:
             return
         self._track(lease, task)
+        self._unconfirmed.add(lease.id)
         self._replan(task)
 
     # ---- nodes ------------------------------------------------------------------------------
     def on_work_request(self, node: str, owner: str, slots: int, seq: int, *, now: float,
-                        now_wall: float) -> dict[str, list[Assignment]]:
+                        now_wall: float, held: tuple[str, ...] = ()) -> dict[str, list[Assignment]]:
         current = self._waiting.get(node)
         if current is not None and seq < current.seq:
             self.counters["stale_work_request"] += 1
             return {}
+        self._reconcile(node, set(held))
         self._waiting[node] = Waiting(owner, slots, seq)
         return self._fill(now, now_wall, only=node)
 
@@ -115,6 +119,17 @@ class Engine:
             if lease is not None and lease.node == node:
                 self._close(lease, "released")
         return self._fill(now, now_wall)
+
+    def close_unsent(self, node: str, leases: tuple[str, ...]) -> None:
+        """Assignments that never left this process: their leases end without counting as tries."""
+        for lease_id in leases:
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease.node == node:
+                self._close(lease, "unsent")
+
+    def forget_waiting(self) -> None:
+        """Drop every standing request (the broker connection is gone; nodes will ask again)."""
+        self._waiting.clear()
 
     def on_node_offline(self, node: str, *, now: float, now_wall: float) -> dict[str, list[Assignment]]:
         self._waiting.pop(node, None)
@@ -183,6 +198,19 @@ class Engine:
                 task.last_problem = "results disagree"
         self._replan(task, now_wall=now_wall)
         return self._fill(now, now_wall)
+
+    def _reconcile(self, node: str, held: set[str]) -> None:
+        """Leases restored after a restart whose node no longer holds them were answered into
+        the void (the previous process took the result but died before committing it): reissue
+        them now instead of waiting for them to expire. Only restored leases are checked, so an
+        assignment still in flight to the node is never mistaken for a lost one."""
+        for lease_id in list(self._node_leases.get(node, ())):
+            if lease_id not in self._unconfirmed:
+                continue
+            self._unconfirmed.discard(lease_id)
+            if lease_id not in held:
+                self.counters["lease_lost_in_restart"] += 1
+                self._close(self.leases[lease_id], "lost")
 
     # ---- internals --------------------------------------------------------------------------
     def _verify(self, task: TaskRecord, job: JobRecord, verdict: Accepted, now_wall: float) -> None:
@@ -257,10 +285,13 @@ class Engine:
 
     def _close(self, lease: LeaseRecord, state: str) -> None:
         del self.leases[lease.id]
+        self._unconfirmed.discard(lease.id)
         self._node_leases[lease.node].discard(lease.id)
         task = self.tasks[lease.task]
         task.live.discard(lease.id)
         self.ops.append(LeaseClosed(lease.id, state))
+        if state in NEVER_RAN:
+            task.attempts -= 1  # a lease given back unrun is not a try (max_results counts tries)
         if state != "reported" and task.state is TaskState.OPEN:
             # The node never answered: it and its owner may take the task again later, or a
             # network of two owners could never finish a task whose lease once expired.

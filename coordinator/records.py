@@ -88,6 +88,10 @@ class LeaseRecord:
     deadline: float  # monotonic: what this process times out on
 
 
+# Lease endings that mean the task never ran on that node: they do not count as tries.
+NEVER_RAN = frozenset({"released", "unsent"})
+
+
 # Persistence operations, applied in order, one transaction per batch (group commit).
 @dataclass(frozen=True, slots=True)
 class LeaseIssued:

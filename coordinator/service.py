@@ -84,10 +84,16 @@ class Coordinator:
                 t.inputs = decode_tensor_map(blob) if blob is not None else None
         for v in snap.votes:
             blob = await self.store.get_blob(v.output_digest)
+            task = tasks_by_id[v.task]
             if blob is None:
-                continue  # the result's outputs never reached disk: the task simply needs another one
+                # Outputs of an undecided result live only in memory: that vote is gone, so its
+                # node and owner may run the task again (or a network of two owners would stall).
+                task.nodes.discard(v.node)
+                task.owners.discard(v.owner)
+                task.attempts -= 1
+                continue
             arrays = {n: t.to_array() for n, t in decode_tensor_map(blob).items()}
-            tasks_by_id[v.task].votes.append(Vote(v.lease, v.node, v.owner, v.output_digest, arrays))
+            task.votes.append(Vote(v.lease, v.node, v.owner, v.output_digest, arrays, stored=True))
         now, wall = time.monotonic(), time.time()
         for job in snap.jobs:
             self.engine.add_job(job, by_job.get(job.spec.id, []))
@@ -182,6 +188,9 @@ class Coordinator:
                     host, port, identifier=f"coord-{self.identity.id[:16]}",
                     socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                     max_inflight_messages=1000, keepalive=15,
+                    # A persistent session under a stable client id: while this process restarts,
+                    # the broker queues the nodes' results and requests for it instead of dropping them.
+                    clean_session=False,
                 ) as client:
                     self._client = client
                     for kind in ("work", "result", "status"):
@@ -198,6 +207,8 @@ class Coordinator:
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 self._client = None
+                # Standing requests went with the connection; nodes re-announce when they reconnect.
+                self.engine.forget_waiting()
                 log.warning("mqtt connection lost broker=%s:%d error=%r; retrying in %.1fs", host, port,
                             str(exc), backoff)
                 await asyncio.sleep(backoff)
@@ -224,7 +235,7 @@ class Coordinator:
             now, wall = time.monotonic(), time.time()
             if kind == "work" and isinstance(msg, WorkRequest):
                 await self._send(self.engine.on_work_request(node, msg.owner, msg.slots, msg.seq, now=now,
-                                                             now_wall=wall))
+                                                             now_wall=wall, held=msg.held))
             elif kind == "work" and isinstance(msg, Release):
                 await self._send(self.engine.on_release(node, msg.leases, now=now, now_wall=wall))
             elif kind == "result" and isinstance(msg, Results):
@@ -235,6 +246,11 @@ class Coordinator:
             self.counters[f"rejected_{exc.reason}"] += 1
             log.warning("rejected message topic=%s reason=%s detail=%r size=%d", topic, exc.reason, str(exc),
                         len(payload))
+        except Exception:
+            # Our bug, not the peer's: log it loudly, but one bad message must not stop the loop
+            # that every other node depends on.
+            self.counters["internal_error"] += 1
+            log.exception("internal error handling message topic=%s size=%d", topic, len(payload))
         finally:
             self._mark_dirty()
 
@@ -277,17 +293,21 @@ class Coordinator:
         outgoing, self._outgoing = self._outgoing, {}
         client = self._client
         for node, items in outgoing.items():
+            unsent: list[Assignment] = []
             if client is None:
-                # No broker right now: the leases expire and the tasks are reissued; nothing is lost.
-                self.counters["assignments_unsent"] += len(items)
-                continue
-            for chunk in _chunks(items, self.settings.max_message_bytes // 2):
-                payload = seal(Assignments(node=node, items=tuple(chunk)), self.identity)
-                try:
-                    await client.publish(self.topics.assign(node), payload, qos=1)
-                except aiomqtt.MqttError as exc:
-                    self.counters["assignments_unsent"] += len(chunk)
-                    log.warning("publishing assignments failed node=%s error=%r", node, str(exc))
+                unsent = items
+            else:
+                for chunk in _chunks(items, self.settings.max_message_bytes // 2):
+                    payload = seal(Assignments(node=node, items=tuple(chunk)), self.identity)
+                    try:
+                        await client.publish(self.topics.assign(node), payload, qos=1)
+                    except aiomqtt.MqttError as exc:
+                        unsent.extend(chunk)
+                        log.warning("publishing assignments failed node=%s error=%r", node, str(exc))
+            if unsent:
+                # Never delivered: give the leases back now rather than wait for them to expire.
+                self.counters["assignments_unsent"] += len(unsent)
+                self.engine.close_unsent(node, tuple(a.lease for a in unsent))
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -18,6 +18,7 @@ from ledger import sqlite as ledger_sql
 from ledger.entries import Balances, Entry
 
 from .records import (
+    NEVER_RAN,
     BlobPut,
     JobFinished,
     JobRecord,
@@ -229,7 +230,7 @@ def _load(c: sqlite3.Connection) -> Snapshot:
                 if lstate == "live":
                     snap.live_leases.append(LeaseRecord(id=lid, task=tid, job=job, node=node, owner=owner,
                                                         issued_at=issued, expires_at=expires, deadline=0.0))
-                else:
+                elif lstate not in NEVER_RAN:
                     rec.attempts += 1
             snap.tasks.append(rec)
             for lease, node, owner, digest_out in c.execute(

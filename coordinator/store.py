@@ -22,6 +22,7 @@ from ledger.store import InMemoryLedgerStore
 
 from .quorum import Tolerance
 from .records import (
+    NEVER_RAN,
     BlobPut,
     JobFinished,
     JobRecord,
@@ -219,7 +220,7 @@ class MemoryStore(CoordinatorStore):
                     rec.owners.add(lease.owner)
                     if lrow["state"] == "live":
                         snap.live_leases.append(lease)
-                    else:
+                    elif lrow["state"] not in NEVER_RAN:
                         rec.attempts += 1
                 snap.tasks.append(rec)
                 for res in self.results.values():

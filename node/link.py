@@ -27,6 +27,9 @@ def new_client(broker: BrokerAddress, node_id: str, topics: Topics) -> aiomqtt.C
         username=broker.username if broker.username is not None else node_id,
         password=broker.password,
         will=aiomqtt.Will(topics.status(node_id), b"offline", qos=1, retain=True),
+        # A persistent session: assignments published while we reconnect are queued by the
+        # broker instead of lost (they would otherwise wait out their lease).
+        clean_session=False,
         socket_options=NODELAY, keepalive=30)
 
 

@@ -283,7 +283,8 @@ class Node:
         self._announced = slots
         self._seq += 1
         request = WorkRequest(node=self.id, owner=self.settings.owner, slots=slots,
-                              models=self.cache.digests(), runtime=self.runtime, seq=self._seq)
+                              models=self.cache.digests(), runtime=self.runtime, seq=self._seq,
+                              held=(*self.held, *(r.lease for r in self.outbox.results)))
         await publish(client, self.topics.work(self.id), request, self.identity)
 
     async def _pull_loop(self) -> None:

@@ -72,6 +72,7 @@ class WorkRequest:
     models: tuple[str, ...] = ()
     runtime: str = ""
     seq: int = 0  # strictly increasing per node process; stale requests are ignored
+    held: tuple[str, ...] = ()  # leases the node holds now: a restarted coordinator reconciles with it
 
     def __post_init__(self) -> None:
         if not 0 <= self.slots <= MAX_BATCH_ITEMS:
@@ -79,15 +80,20 @@ class WorkRequest:
 
     def to_wire(self) -> dict[str, Any]:
         return {"node": self.node, "owner": self.owner, "slots": self.slots,
-                "models": list(self.models), "runtime": self.runtime, "seq": self.seq}
+                "models": list(self.models), "runtime": self.runtime, "seq": self.seq, "held": list(self.held)}
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> WorkRequest:
         models = _get(raw, "models", list)
         if len(models) > 1024 or not all(isinstance(m, str) and is_sha256_hex(m) for m in models):
             raise MalformedMessage("models must be a list of sha256 digests")
+        held = raw.get("held", [])
+        if not isinstance(held, list) or len(held) > MAX_BATCH_ITEMS \
+                or not all(isinstance(x, str) and len(x) <= MAX_NAME for x in held):
+            raise MalformedMessage("held must be a list of lease ids")
         return cls(node=_name(raw, "node"), owner=_name(raw, "owner"), slots=_get(raw, "slots", int),
-                   models=tuple(models), runtime=_get(raw, "runtime", str)[:256], seq=_get(raw, "seq", int))
+                   models=tuple(models), runtime=_get(raw, "runtime", str)[:256], seq=_get(raw, "seq", int),
+                   held=tuple(held))
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,3 +141,34 @@ def nan_model() -> bytes:
 def invalid_model_bytes() -> bytes:
     """Bytes no ONNX parser accepts: 0xFF starts a protobuf field with the invalid wire type 7."""
     return b"\xff\xff\xff\xffthis is not an ONNX model\x00"
+
+
+def deep_mlp(width: int = 384, depth: int = 6, seed: int = 7) -> bytes:
+    """~1.8 MFLOP a row (MatMul+Tanh layers, Softmax): heavy enough that compute, not the network,
+    dominates a task; used where a task must stay busy long enough to kill a node mid-task."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i in range(depth):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, name=f"w{i}"))
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Tanh", [f"m{i}"], [f"h{i}"])]
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Softmax", [prev], ["probs"], axis=-1))
+    graph = helper.make_graph(nodes, "deep_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", width])], inits)
+    return _model(graph)
+
+
+def wide_projection(inputs: int = 1024, outputs: int = 3072, seed: int = 3) -> bytes:
+    """A 12.6 MB model (one [1024, 3072] float32 weight) with wide outputs: `proj` [N, 3072] and a
+    copy of the input `echo` [N, 1024], i.e. 16 KiB of outputs a row. For the large-job path."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((inputs, outputs)) / np.sqrt(inputs)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["proj"]), helper.make_node("Identity", ["x"], ["echo"])],
+        "wide_projection", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", inputs])],
+        [helper.make_tensor_value_info("proj", TensorProto.FLOAT, ["N", outputs]),
+         helper.make_tensor_value_info("echo", TensorProto.FLOAT, ["N", inputs])],
+        [numpy_helper.from_array(w, name="w")])
+    return _model(graph)

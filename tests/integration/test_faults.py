@@ -14,7 +14,6 @@ import aiomqtt
 import msgpack
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
 
 from client.sdk import CoordinatorClient
 from ledger.verify import find_discrepancies
@@ -32,24 +31,6 @@ from .test_end_to_end import assert_outputs_match, local_run
 pytestmark = pytest.mark.integration
 
 
-def slow_mlp(width: int = 384, depth: int = 6) -> bytes:
-    """~1.8 MFLOP a row: a task of 128 rows keeps a slot busy for a good fraction of a second."""
-    rng = np.random.default_rng(7)
-    nodes, inits, prev = [], [], "x"
-    for i in range(depth):
-        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
-        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, [width, width], w.ravel()))
-        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
-                  helper.make_node("Tanh", [f"m{i}"], [f"h{i}"])]
-        prev = f"h{i}"
-    nodes.append(helper.make_node("Softmax", [prev], ["probs"], axis=-1))
-    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
-                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", width])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
 async def health(net: Network) -> dict[str, Any]:
     async with aiohttp.ClientSession() as s, s.get(f"{net.url}/v1/health") as r:
         return dict(await r.json())
@@ -64,7 +45,7 @@ async def ledger_consistent(net: Network) -> tuple[list[str], dict[str, Any], li
 def test_a_node_killed_mid_task_loses_nothing_and_its_task_completes_elsewhere(network: Network) -> None:
     for owner in ("alice", "bob", "carol"):
         network.start_node(owner)
-    model, x = slow_mlp(), np.random.default_rng(2).standard_normal((1024, 384)).astype(np.float32)
+    model, x = models.deep_mlp(), np.random.default_rng(2).standard_normal((1024, 384)).astype(np.float32)
 
     async def scenario() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         async with CoordinatorClient(network.url) as c:
@@ -121,7 +102,7 @@ def test_a_node_returning_wrong_outputs_is_never_accepted_nor_credited(network: 
 def test_a_coordinator_killed_mid_job_resumes_after_restart_and_credits_nothing_twice(network: Network) -> None:
     network.start_node("alice")
     network.start_node("bob")
-    model, x = slow_mlp(), np.random.default_rng(4).standard_normal((1536, 384)).astype(np.float32)
+    model, x = models.deep_mlp(), np.random.default_rng(4).standard_normal((1536, 384)).astype(np.float32)
 
     async def submit_and_wait_for_progress() -> str:
         async with CoordinatorClient(network.url) as c:

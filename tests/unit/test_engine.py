@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 
@@ -18,9 +19,10 @@ META = {"model": "a" * 64, "flops_per_row": 1000,
         "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 2]}]}
 
 
-def make_engine(rows: int = 4, task_size: int = 2, replicas: int = 2, max_results: int | None = None) -> Engine:
+def make_engine(rows: int = 4, task_size: int = 2, replicas: int = 2, max_results: int | None = None,
+                prefix: str = "lease") -> Engine:
     counter = itertools.count()
-    engine = Engine(lease_seconds=10, max_inline_bytes=1 << 20, new_id=lambda: f"lease{next(counter)}")
+    engine = Engine(lease_seconds=10, max_inline_bytes=1 << 20, new_id=lambda: f"{prefix}{next(counter)}")
     job, tasks, _ = plan_job(META, {"x": np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)},
                              JobOptions(replicas=replicas, task_size=task_size, max_results=max_results,
                                         final="argmax"), now_wall=0.0, max_inline_bytes=1 << 20)
@@ -148,3 +150,20 @@ def test_outputs_with_the_wrong_row_count_are_invalid() -> None:
     result, outputs = answer(a, np.zeros((1, 2)))
     engine.on_result("n1", result, outputs, None, now=1, now_wall=1)
     assert engine.counters["invalid_result"] == 1 and not engine.tasks[a.task].votes
+
+
+def test_after_a_restart_a_restored_lease_its_node_no_longer_holds_is_reissued_at_once() -> None:
+    before = make_engine(rows=2, task_size=2)
+    a = before.on_work_request("n1", "o1", 1, 1, now=0, now_wall=0)["n1"][0]
+    b = before.on_work_request("n2", "o2", 1, 1, now=0, now_wall=0)["n2"][0]
+    after = make_engine(rows=2, task_size=2, prefix="new")  # a fresh process over the same job
+    task = next(iter(after.tasks.values()))
+    for lease in (before.leases[a.lease], before.leases[b.lease]):
+        after.restore_lease(replace(lease, task=task.id, job=task.job))
+
+    out = after.on_work_request("n1", "o1", 1, 5, now=1, now_wall=1, held=())  # n1 answered into the void
+    after.on_work_request("n2", "o2", 1, 5, now=1, now_wall=1, held=(b.lease,))  # n2 still works on it
+
+    assert [x.task for x in out["n1"]] == [task.id]
+    assert b.lease in after.leases and a.lease not in after.leases
+    assert after.counters["lease_lost_in_restart"] == 1
