@@ -18,9 +18,10 @@ import onnx
 from .entries import MAX_AMOUNT
 from .errors import CostModelError
 
-FLOPS_PER_CREDIT: Final = 1_000_000
-"""One credit is one MFLOP. The demo's digits MLP (skl2onnx, 64 hidden units) counts ~13k FLOPs a
-row, so a 64-row task earns the minimum of 1."""
+FLOPS_PER_CREDIT: Final = 1_000
+"""One credit is one kFLOP of the coordinator's own count. Fine enough that small tasks are priced
+by their size rather than all rounded up to the minimum: the demo's digits MLP (skl2onnx, 64 hidden
+units) counts ~13k FLOPs a row, so a 64-row task earns ~813 credits."""
 
 UNKNOWN_NODE_FLOPS: Final = 1_000
 """Price of a node whose output shape cannot be known: small, so a model cannot earn much through
@@ -68,7 +69,7 @@ def model_cost(model_bytes: bytes) -> ModelCost:
 
 
 def credit_amount(cost: ModelCost, rows: int) -> int:
-    """Credits for one (task, node): FLOPs of `rows` rows in MFLOP, rounded up, at least 1 — a
+    """Credits for one (task, node): FLOPs of `rows` rows in kFLOP, rounded up, at least 1 — a
     verified result is never worth nothing. Integer arithmetic only, so every backend agrees.
 
     Capped at `MAX_AMOUNT`: shapes declared in a model can be absurd, and an amount the database

@@ -32,3 +32,18 @@ def require_service(name: str, host: str, port: int) -> None:
 def mosquitto_url() -> str:
     require_service("Mosquitto", "127.0.0.1", 1883)
     return "mqtt://127.0.0.1:1883"
+
+
+@pytest.fixture
+def mosquitto_binary() -> str:
+    """The mosquitto executable, for tests that run a broker of their own (to kill or reconfigure
+    it: the shared one is never touched)."""
+    import shutil
+    from pathlib import Path
+
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if found:
+        return found
+    if IN_CI:
+        pytest.fail("mosquitto is not installed: .ci/run installs it with apt-get install mosquitto")
+    pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI fails instead of skipping")

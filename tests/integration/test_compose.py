@@ -5,7 +5,6 @@ commands (host names mapped to 127.0.0.1, ports to free ones)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,10 +61,8 @@ def test_compose_ports_and_addresses_line_up() -> None:
 
 
 @pytest.mark.integration
-def test_the_compose_layout_runs_as_real_processes(tmp_path: Path) -> None:
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(mosquitto).exists():
-        pytest.fail("mosquitto is not installed: apt-get install mosquitto")
+def test_the_compose_layout_runs_as_real_processes(tmp_path: Path, mosquitto_binary: str) -> None:
+    mosquitto = mosquitto_binary
     broker_port, http_port = free_port(), free_port()
     conf = (ROOT / "deploy" / "mosquitto.conf").read_text()
     conf = conf.replace("listener 1883", f"listener {broker_port} 127.0.0.1")

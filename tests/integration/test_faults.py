@@ -183,6 +183,7 @@ def test_hostile_mqtt_messages_are_rejected_counted_and_the_coordinator_keeps_wo
             # a well-signed result for a lease nobody holds (a replay, or a guess)
             await client.publish(f"{prefix}/result/{victim.id}", seal(forged_result, victim), qos=1)
             await client.publish(f"{prefix}/work/{mallory.id}", msgpack.packb({"v": 1, "kind": "work"}), qos=1)
+            await client.publish(f"{prefix}/result/{mallory.id}", b"\x00" * (9 * 2**20), qos=1)  # over 8 MiB
             await client.publish(f"{prefix}/work/{mallory.id}",
                                  seal(WorkRequest(node=mallory.id, owner="m", slots=1), mallory) + b"x", qos=1)
         await asyncio.sleep(1.0)
@@ -191,6 +192,7 @@ def test_hostile_mqtt_messages_are_rejected_counted_and_the_coordinator_keeps_wo
     counters = asyncio.run(scenario())["counters"]
     assert counters.get("rejected_malformed", 0) >= 4
     assert counters.get("rejected_wrong_sender", 0) == 1
+    assert counters.get("rejected_oversized", 0) == 1
     assert counters.get("rejected_unknown_or_closed_lease", 0) == 1
     # and it still runs a job afterwards
     network.start_node("alice")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,19 +35,18 @@ def test_a_large_job_moves_big_inputs_and_outputs_over_http_not_through_the_brok
     assert_outputs_match(outputs, local_run(model, {"x": x}))
 
 
-def own_mosquitto(group: ProcessGroup, tmp: Path, port: int, name: str) -> None:
+def own_mosquitto(group: ProcessGroup, tmp: Path, port: int, name: str, binary: str) -> None:
     conf = (ROOT / "deploy" / "mosquitto.conf").read_text().replace("listener 1883", f"listener {port} 127.0.0.1")
     (tmp / "mosquitto.conf").write_text(conf)
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     group.start_command([binary, "-c", str(tmp / "mosquitto.conf")], name=name, port=port)
 
 
-def test_a_broker_restart_mid_job_loses_nothing(tmp_path: Path) -> None:
+def test_a_broker_restart_mid_job_loses_nothing(tmp_path: Path, mosquitto_binary: str) -> None:
     """Our own Mosquitto (never the shared one) is killed mid-job and started again on the same
     port: coordinator and nodes reconnect with backoff, and the job completes, verified."""
     port = free_port()
     with ProcessGroup(tmp_path / "logs") as group:
-        own_mosquitto(group, tmp_path, port, "mosquitto")
+        own_mosquitto(group, tmp_path, port, "mosquitto", mosquitto_binary)
         net = Network(group=group, tmp=tmp_path, broker_url=f"mqtt://127.0.0.1:{port}")
         net.start_coordinator("--lease-seconds", "5")
         net.start_node("alice")
@@ -65,7 +63,7 @@ def test_a_broker_restart_mid_job_loses_nothing(tmp_path: Path) -> None:
                 broker.kill()
                 await asyncio.sleep(1.0)
                 assert (await c.status(job["job"]))["state"] == "running"
-                await asyncio.to_thread(own_mosquitto, group, tmp_path, port, "mosquitto-restarted")
+                await asyncio.to_thread(own_mosquitto, group, tmp_path, port, "mosquitto-restarted", mosquitto_binary)
                 return await c.wait(job["job"], timeout=120), await c.outputs(job["job"])
 
         t0 = time.monotonic()

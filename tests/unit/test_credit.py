@@ -189,15 +189,15 @@ def test_a_truncated_model_raises_cost_model_error() -> None:
 
 
 @pytest.mark.parametrize(("flops_per_row", "rows", "credits"), [
-    (24, 1, 1),                   # far below one MFLOP still earns the minimum
+    (24, 1, 1),                   # far below one kFLOP still earns the minimum
     (24, 0, 1),                   # an empty task is not worth nothing either
-    (1_000_000, 1, 1),            # exactly one MFLOP
-    (1_000_001, 1, 2),            # a single FLOP over rounds up
-    (24, 100_000, 3),             # 2.4 MFLOP
-    (131, 64, 1),                 # the MLP above on a 64-row task: 8,384 FLOPs
-    (10**12, 10**6, 10**12),      # no float rounding at large values
+    (1_000, 1, 1),                # exactly one kFLOP
+    (1_001, 1, 2),                # a single FLOP over rounds up
+    (24, 100_000, 2_400),         # 2.4 MFLOP
+    (131, 64, 9),                 # the MLP above on a 64-row task: 8,384 FLOPs
+    (10**12, 10**6, 10**15),      # no float rounding at large values
 ])
-def test_credit_amount_is_mflops_rounded_up_with_a_minimum_of_one(flops_per_row: int, rows: int,
+def test_credit_amount_is_kflops_rounded_up_with_a_minimum_of_one(flops_per_row: int, rows: int,
                                                                    credits: int) -> None:
     assert credit_amount(ModelCost(flops_per_row=flops_per_row), rows) == credits
 
