@@ -32,7 +32,40 @@ from client.sdk import CoordinatorClient  # noqa: E402
 from tests.models import classifier, deep_mlp  # noqa: E402
 
 
-def start_network(group: ProcessGroup, tmp: Path) -> str:
+async def mqtt_reference(broker_port: int, count: int = 5000) -> float:
+    """Raw QoS-1 messages/s through the same broker with the same client library (200 B, one
+    publisher with 20 in flight, one subscriber): the yardstick for this machine at this moment.
+    Each verified task at k=2 needs at least 4 such messages (2 assignments, 2 results)."""
+    import socket
+
+    import aiomqtt
+
+    opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    async with aiomqtt.Client("127.0.0.1", broker_port, socket_options=opts, max_inflight_messages=100) as sub, \
+            aiomqtt.Client("127.0.0.1", broker_port, socket_options=opts, max_inflight_messages=100) as pub:
+        await sub.subscribe("bench/ref", qos=1)
+        received, last = 0, time.perf_counter()
+
+        async def receive() -> None:
+            nonlocal received, last
+            async for _ in sub.messages:
+                received, last = received + 1, time.perf_counter()
+                if received == count:
+                    return
+
+        receiver = asyncio.create_task(receive())
+        t0 = time.perf_counter()
+        for _ in range(0, count, 20):
+            await asyncio.gather(*(pub.publish("bench/ref", b"x" * 200, qos=1) for _ in range(20)))
+        try:
+            async with asyncio.timeout(10):  # a broker may drop past its queue limit: count what came
+                await receiver
+        except TimeoutError:
+            receiver.cancel()
+        return received / (last - t0)
+
+
+def start_network(group: ProcessGroup, tmp: Path) -> tuple[str, int]:
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     broker_port, http_port = free_port(), free_port()
     if Path(mosquitto).exists():
@@ -50,7 +83,7 @@ def start_network(group: ProcessGroup, tmp: Path) -> str:
         group.start("node", ["--broker", broker, "--coordinator", url, "--key", str(tmp / f"{owner}.key"),
                              "--owner", owner, "--slots", "1", "--cache-dir", str(tmp / owner),
                              "--log-level", "WARNING"], ready=r"node ready", name=f"node-{owner}")
-    return url
+    return url, broker_port
 
 
 async def timed_job(c: CoordinatorClient, model: str, x: np.ndarray, task_size: int | None) -> tuple[float, dict]:
@@ -73,7 +106,7 @@ def local_rows_per_second(model: bytes, x: np.ndarray, task_size: int) -> float:
     return len(x) / (time.perf_counter() - t0)
 
 
-async def bench(url: str, args: argparse.Namespace) -> None:
+async def bench(url: str, broker_port: int, args: argparse.Namespace) -> None:
     model_bytes = classifier(features=8, classes=4)
     rng = np.random.default_rng(0)
     async with CoordinatorClient(url) as c:
@@ -86,22 +119,26 @@ async def bench(url: str, args: argparse.Namespace) -> None:
             seconds, status = await timed_job(c, model, x, 1)
             assert status["tasks"]["verified"] == args.tasks
             tps.append(args.tasks / seconds)
-        print(f"verified tasks/s at k=2 (1 row/task, {args.tasks} tasks): median {statistics.median(tps):,.0f} "
+        ref = [await mqtt_reference(broker_port) for _ in range(args.repeats)]
+        t, r = statistics.median(tps), statistics.median(ref)
+        print(f"verified tasks/s at k=2 (1 row/task, {args.tasks} tasks): median {t:,.0f} "
               f"(runs: {', '.join(f'{v:,.0f}' for v in tps)})")
+        print(f"reference: raw QoS-1 MQTT msgs/s through the same broker: median {r:,.0f}; "
+              f"verified tasks per raw message {t / r:.3f} (a task needs >= 4 messages: at most 0.25)")
 
         heavy_bytes = deep_mlp()
         heavy = await c.ensure_model(heavy_bytes)
         for name, digest, raw, width, rows, task_size in (
                 ("tiny classifier (68 FLOP/row)", model, model_bytes, 8, args.rows, 4096),
-                ("deep MLP (1.8 MFLOP/row)", heavy, heavy_bytes, 384, args.rows // 50, 64)):
+                ("deep MLP (1.8 MFLOP/row)", heavy, heavy_bytes, 384, args.rows // 2, None)):
             net, loc = [], []
             for _ in range(args.repeats):
                 x = rng.standard_normal((rows, width)).astype(np.float32)
-                seconds, _ = await timed_job(c, digest, x, task_size)
+                seconds, status = await timed_job(c, digest, x, task_size)
                 net.append(rows / seconds)
-                loc.append(local_rows_per_second(raw, x, task_size))
+                loc.append(local_rows_per_second(raw, x, int(status["task_size"])))  # the size the job used
             n, lo = statistics.median(net), statistics.median(loc)
-            print(f"rows/s, {name}, {rows} rows in tasks of {task_size}: network (k=2) {n:,.0f}, "
+            print(f"rows/s, {name}, {rows} rows in tasks of {task_size or 'auto'}: network (k=2) {n:,.0f}, "
                   f"local onnxruntime {lo:,.0f}; ratio {n / lo:.3f} (k=2 computes every row twice: ideal 0.5)")
 
         lat = []
@@ -127,8 +164,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="sparecycles-bench-"))
     try:
         with ProcessGroup(tmp / "logs") as group:
-            url = start_network(group, tmp)
-            asyncio.run(bench(url, args))
+            url, broker_port = start_network(group, tmp)
+            asyncio.run(bench(url, broker_port, args))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -174,29 +174,45 @@ class SQLiteStore(CoordinatorStore):
 
 
 def _apply(c: sqlite3.Connection, ops: Sequence[Op]) -> None:
+    """One `executemany` per kind of op instead of a statement per op: a task costs about ten
+    rows, and per-statement Python overhead in this thread competes with the event loop for the
+    GIL. Within one transaction, kinds are applied in dependency order (a lease exists before it
+    closes, results before the verdict that accepts them), which is all the engine's order means."""
+    issued, closed, recorded, blobs, decided, finished = [], [], [], [], [], []
     for op in ops:
         if isinstance(op, LeaseIssued):
             ls = op.lease
-            c.execute("INSERT OR IGNORE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, 'live')",
-                      (ls.id, ls.task, ls.job, ls.node, ls.owner, ls.issued_at, ls.expires_at))
+            issued.append((ls.id, ls.task, ls.job, ls.node, ls.owner, ls.issued_at, ls.expires_at))
         elif isinstance(op, LeaseClosed):
-            c.execute("UPDATE leases SET state=? WHERE id=? AND state='live'", (op.state, op.lease))
+            closed.append((op.state, op.lease))
         elif isinstance(op, ResultRecorded):
-            c.execute("INSERT OR IGNORE INTO results (lease, task, node, owner, output_digest, problem, "
-                      "received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (op.lease, op.task, op.node, op.owner, op.output_digest, op.problem, op.received_at))
-        elif isinstance(op, TaskDecided):
-            cur = c.execute("UPDATE tasks SET state=?, canonical_digest=?, error=? WHERE id=? AND state='open'",
-                            (str(op.state), op.canonical_digest, op.error, op.task))
-            if cur.rowcount != 1:
-                continue  # decided already: a repeated verdict must not credit again
-            c.executemany("UPDATE results SET accepted=1 WHERE lease=?", [(x,) for x in op.accepted_leases])
-            ledger_sql.insert_credits(c, op.credits)
-        elif isinstance(op, JobFinished):
-            c.execute("UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=?",
-                      (str(op.state), op.error, op.finished_at, op.job))
+            recorded.append((op.lease, op.task, op.node, op.owner, op.output_digest, op.problem, op.received_at))
         elif isinstance(op, BlobPut):
-            c.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?)", (op.digest, op.data))
+            blobs.append((op.digest, op.data))
+        elif isinstance(op, TaskDecided):
+            decided.append(op)
+        elif isinstance(op, JobFinished):
+            finished.append((str(op.state), op.error, op.finished_at, op.job))
+    c.executemany("INSERT OR IGNORE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, 'live')", issued)
+    c.executemany("UPDATE leases SET state=? WHERE id=? AND state='live'", closed)
+    c.executemany("INSERT OR IGNORE INTO results (lease, task, node, owner, output_digest, problem, received_at) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?)", recorded)
+    c.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?)", blobs)
+    if decided:
+        # A task is decided once: a verdict for a task no longer open (a repeated batch) is
+        # dropped whole, and UNIQUE (task, node) in the ledger backs that up.
+        still_open: set[str] = set()
+        for i in range(0, len(decided), 5000):  # SQLite caps the number of bound parameters
+            chunk = [d.task for d in decided[i:i + 5000]]
+            still_open.update(row[0] for row in c.execute(
+                f"SELECT id FROM tasks WHERE state='open' AND id IN ({','.join('?' * len(chunk))})", chunk))
+        decided = [d for d in decided if d.task in still_open]
+        c.executemany("UPDATE tasks SET state=?, canonical_digest=?, error=? WHERE id=?",
+                      [(str(d.state), d.canonical_digest, d.error, d.task) for d in decided])
+        c.executemany("UPDATE results SET accepted=1 WHERE lease=?",
+                      [(lease,) for d in decided for lease in d.accepted_leases])
+        ledger_sql.insert_credits(c, [credit for d in decided for credit in d.credits])
+    c.executemany("UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=?", finished)
 
 
 def _load(c: sqlite3.Connection) -> Snapshot:

@@ -93,6 +93,7 @@ class Node:
         self.counters: Counter[str] = Counter()
         self.outbox = Outbox(identity=identity, topics=self.topics, runtime=self.runtime,
                              max_message_bytes=info.max_message_bytes, counters=self.counters)
+        self.outbox.busy = lambda: bool(self.pipeline.started & self.held.keys())
         self.link = BrokerLink()
         self.held: dict[str, asyncio.Task[None]] = {}  # lease -> its task, queued or running
         self.draining = False

@@ -24,9 +24,9 @@ def test_partition_rejects_empty_jobs_and_bad_sizes() -> None:
 
 
 def test_auto_task_size_is_bounded() -> None:
-    assert auto_task_size(10) == 1024
+    assert auto_task_size(10) == 4096
     assert auto_task_size(10**12) == 1
-    assert auto_task_size(2_000_000) == 100
+    assert auto_task_size(2_000_000) == 1000
 
 
 def test_a_fresh_task_issues_k_replicas() -> None:
