@@ -181,6 +181,7 @@ class Engine:
                                        result.output_digest if problem is None else "", problem, now_wall))
         if problem is not None or outputs is None:
             self.counters["invalid_result"] += 1
+            task.errors += 1
             task.last_problem = problem or "no outputs"
             # The node stays excluded (it would likely fail again); its owner's other nodes may try.
             if all(v.owner != lease.owner for v in task.votes):
@@ -266,7 +267,8 @@ class Engine:
             verdict = decide_quorum(task.votes, k=job.spec.replicas, tol=job.spec.tolerance)
             best = getattr(verdict, "best_group", 0)
         plan = plan_replicas(k=job.spec.replicas, max_results=job.spec.max_results, live=len(task.live),
-                             attempts=task.attempts, best_group=best, last_problem=task.last_problem)
+                             attempts=task.attempts, best_group=best, last_problem=task.last_problem,
+                             errors=task.errors, max_errors=job.spec.max_errors)
         if plan.fail_reason is not None:
             self._fail(task, job, plan.fail_reason, now_wall if now_wall is not None else job.spec.created_at)
         elif plan.issue > 0:

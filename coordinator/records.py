@@ -25,6 +25,9 @@ class JobSpec:
     output_names: tuple[str, ...]
     flops_per_row: int
     created_at: float
+    # Invalid results (errors, NaN, wrong shapes) a task may collect before it fails: BOINC's
+    # max_error_results. Without it, a task every node fails would wait forever for a new node.
+    max_errors: int = 3
 
 
 @dataclass(slots=True, kw_only=True)
@@ -39,6 +42,7 @@ class TaskRecord:
     state: TaskState = TaskState.OPEN
     inputs: dict[str, Tensor] | None = None  # held only while open and small enough to go inline
     attempts: int = 0
+    errors: int = 0
     nodes: set[str] = field(default_factory=set)
     owners: set[str] = field(default_factory=set)
     live: set[str] = field(default_factory=set)

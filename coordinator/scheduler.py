@@ -47,15 +47,19 @@ class ReplicaPlan:
 
 
 def plan_replicas(*, k: int, max_results: int, live: int, attempts: int, best_group: int,
-                  last_problem: str | None = None) -> ReplicaPlan:
+                  last_problem: str | None = None, errors: int = 0, max_errors: int = 3) -> ReplicaPlan:
     """How many more replicas to lease now.
 
-    `attempts` counts every lease ever issued for the task (answered, errored, expired or live),
-    so a task that keeps failing stops at `max_results` (BOINC's max_total_results).
+    `attempts` counts every lease that ran (answered, errored, expired or live), so a task that
+    keeps failing stops at `max_results` (BOINC's max_total_results); `errors` counts invalid
+    results, and `max_errors` of them fail the task (BOINC's max_error_results).
     """
     need = k - best_group
     if need <= 0:
         return ReplicaPlan(0)
+    if errors >= max_errors:
+        return ReplicaPlan(0, fail_reason=f"{errors} invalid results (max_errors={max_errors}); "
+                                          f"last problem: {last_problem}")
     issue = min(max(0, need - live), max_results - attempts)
     if issue > 0 or live > 0:
         return ReplicaPlan(max(0, issue))

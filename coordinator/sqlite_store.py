@@ -248,6 +248,8 @@ def _load(c: sqlite3.Connection) -> Snapshot:
                                                         issued_at=issued, expires_at=expires, deadline=0.0))
                 elif lstate not in NEVER_RAN:
                     rec.attempts += 1
+            rec.errors = c.execute("SELECT count(*) FROM results WHERE task=? AND problem IS NOT NULL",
+                                   (tid,)).fetchone()[0]
             snap.tasks.append(rec)
             for lease, node, owner, digest_out in c.execute(
                     "SELECT lease, node, owner, output_digest FROM results WHERE task=? AND problem IS NULL "

@@ -225,8 +225,12 @@ class MemoryStore(CoordinatorStore):
                 snap.tasks.append(rec)
                 for res in self.results.values():
                     op = res["op"]
-                    if op.task == rec.id and op.problem is None:
+                    if op.task != rec.id:
+                        continue
+                    if op.problem is None:
                         snap.votes.append(StoredVote(op.task, op.lease, op.node, op.owner, op.output_digest))
+                    else:
+                        rec.errors += 1
         return snap
 
     async def canonical_digests(self, job: str) -> list[str | None]:

@@ -60,3 +60,10 @@ def test_no_two_replicas_on_one_node_or_one_owner() -> None:
     assert not may_take(node="n1", owner="o2", task_nodes={"n1"}, task_owners={"o1"})
     assert not may_take(node="n2", owner="o1", task_nodes={"n1"}, task_owners={"o1"})
     assert may_take(node="n2", owner="o2", task_nodes={"n1"}, task_owners={"o1"})
+
+
+def test_a_task_fails_after_max_errors_invalid_results_even_with_tries_left() -> None:
+    plan = plan_replicas(k=2, max_results=6, live=0, attempts=3, best_group=0, errors=3, max_errors=3,
+                         last_problem="output 'y' contains NaN or Inf")
+    assert plan.issue == 0
+    assert plan.fail_reason is not None and "NaN" in plan.fail_reason
