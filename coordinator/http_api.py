@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -100,7 +101,7 @@ async def post_job(request: web.Request) -> web.Response:
     try:
         if request.content_type == NPZ:
             body: dict[str, Any] = {}
-            inputs = from_npz(await request.read(), max_bytes=c.settings.max_body_bytes)
+            inputs = await asyncio.to_thread(from_npz, await request.read(), max_bytes=c.settings.max_body_bytes)
             model = request.query.get("model", "")
         elif request.content_type == "application/json":
             try:
@@ -159,7 +160,7 @@ async def get_outputs(request: web.Request) -> web.Response:
     if "application/json" in request.headers.get("Accept", ""):
         return web.json_response({n: {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tolist()}
                                   for n, a in arrays.items()})
-    return web.Response(body=to_npz(arrays), content_type=NPZ)
+    return web.Response(body=await asyncio.to_thread(to_npz, arrays), content_type=NPZ)
 
 
 def _live_lease(c: Coordinator, request: web.Request) -> Any:

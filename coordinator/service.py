@@ -39,7 +39,10 @@ class Coordinator:
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
         self.store: CoordinatorStore = open_store(settings.db_url)
-        self.identity = Identity.load_or_create(Path(self._key_path()))
+        key_path = self._key_path()
+        # An in-memory coordinator keeps nothing, its identity included: a key of its own per run
+        # also gives it a topic namespace of its own.
+        self.identity = Identity.generate() if key_path is None else Identity.load_or_create(Path(key_path))
         self.topics = Topics(settings.topic_prefix or namespace_prefix(self.identity.id[:12]))
         self.engine = Engine(lease_seconds=settings.lease_seconds, max_inline_bytes=settings.max_inline_bytes,
                              new_id=lambda: secrets.token_hex(16))
@@ -52,12 +55,12 @@ class Coordinator:
         self._finished: dict[str, asyncio.Event] = {}
         self._outgoing: dict[str, list[Assignment]] = {}
 
-    def _key_path(self) -> str:
+    def _key_path(self) -> str | None:
         if self.settings.key_path:
             return self.settings.key_path
         if self.settings.db_url.startswith("sqlite:///"):
             return self.settings.db_url[len("sqlite:///"):] + ".key"
-        return str(Path.home() / ".config" / "sparecycles" / "coordinator-memory.key")
+        return None
 
     # ---- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,8 +111,10 @@ class Coordinator:
     # ---- jobs ---------------------------------------------------------------------------------
     async def create_job(self, meta: Mapping[str, Any], inputs: Mapping[str, npt.NDArray[Any]],
                          options: JobOptions) -> JobRecord:
-        job, tasks, blobs = plan_job(meta, inputs, options, now_wall=time.time(),
-                                     max_inline_bytes=self.settings.max_inline_bytes)
+        # Slicing, hashing and encoding a large batch takes a while: off the event loop, so the
+        # MQTT loop keeps verifying results meanwhile.
+        job, tasks, blobs = await asyncio.to_thread(plan_job, meta, inputs, options, now_wall=time.time(),
+                                                    max_inline_bytes=self.settings.max_inline_bytes)
         await self.store.create_job(job, tasks, blobs)
         self.engine.add_job(job, tasks)
         log.info("job created job=%s rows=%d tasks=%d replicas=%d", job.spec.id, job.spec.rows, len(tasks),
@@ -134,13 +139,17 @@ class Coordinator:
     async def job_outputs(self, job_id: str) -> dict[str, npt.NDArray[Any]]:
         await self.flush()
         digests = await self.store.canonical_digests(job_id)
-        parts = []
+        parts: list[bytes] = []
         for d in digests:
             blob = None if d is None else await self.store.get_blob(d)
             if blob is None:
                 raise RuntimeError(f"job {job_id} has a task without stored outputs")
-            parts.append(decode_tensor_map(blob))
-        return {n: t.to_array() for n, t in concat_rows(parts).items()}
+            parts.append(blob)
+
+        def assemble() -> dict[str, npt.NDArray[Any]]:
+            return {n: t.to_array() for n, t in concat_rows([decode_tensor_map(b) for b in parts]).items()}
+
+        return await asyncio.to_thread(assemble)
 
     # ---- persistence --------------------------------------------------------------------------
     def _mark_dirty(self) -> None:
