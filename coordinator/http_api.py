@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -16,7 +15,7 @@ from protocol.tensors import decode_tensor_map, digest_tensors
 
 from .jobs import BadJob, JobOptions
 from .models import InvalidModel, inspect_model
-from .service import Coordinator
+from .service import Coordinator, off_loop
 
 COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
 NPZ = "application/x-npz"
@@ -59,7 +58,7 @@ async def put_model(request: web.Request) -> web.Response:
     if not data:
         return fail(400, "empty body: send the ONNX file's bytes (PUT /v1/models)")
     digest = sha256_hex(data)
-    meta = await c.store.model_meta(digest)
+    meta = await c.model_meta(digest)
     if meta is not None:
         return web.json_response(meta, status=200)
     try:
@@ -71,7 +70,7 @@ async def put_model(request: web.Request) -> web.Response:
 
 
 async def head_model(request: web.Request) -> web.Response:
-    known = await request.app[COORDINATOR].store.model_meta(request.match_info["digest"]) is not None
+    known = await request.app[COORDINATOR].model_meta(request.match_info["digest"]) is not None
     return web.Response(status=200 if known else 404)
 
 
@@ -101,7 +100,8 @@ async def post_job(request: web.Request) -> web.Response:
     try:
         if request.content_type == NPZ:
             body: dict[str, Any] = {}
-            inputs = await asyncio.to_thread(from_npz, await request.read(), max_bytes=c.settings.max_body_bytes)
+            data = await request.read()
+            inputs = await off_loop(len(data), from_npz, data, max_bytes=c.settings.max_body_bytes)
             model = request.query.get("model", "")
         elif request.content_type == "application/json":
             try:
@@ -116,7 +116,7 @@ async def post_job(request: web.Request) -> web.Response:
             return fail(415, f"send inputs as {NPZ} (options in the query) or application/json")
         if not is_sha256_hex(model):
             return fail(400, "model must be the sha256 of an uploaded model (PUT /v1/models first)")
-        meta = await c.store.model_meta(model)
+        meta = await c.model_meta(model)
         if meta is None:
             return fail(404, f"unknown model {model}: upload it first with PUT /v1/models")
         final = str(body.get("final", request.query.get("final", "argmax")))
@@ -160,7 +160,8 @@ async def get_outputs(request: web.Request) -> web.Response:
     if "application/json" in request.headers.get("Accept", ""):
         return web.json_response({n: {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tolist()}
                                   for n, a in arrays.items()})
-    return web.Response(body=await asyncio.to_thread(to_npz, arrays), content_type=NPZ)
+    return web.Response(body=await off_loop(sum(a.nbytes for a in arrays.values()), to_npz, arrays),
+                        content_type=NPZ)
 
 
 def _live_lease(c: Coordinator, request: web.Request) -> Any:

@@ -9,10 +9,10 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 import numpy.typing as npt
@@ -33,6 +33,18 @@ from .settings import CoordinatorSettings
 from .store import CoordinatorStore, open_store
 
 log = logging.getLogger("sparecycles.coordinator")
+T = TypeVar("T")
+
+
+OFF_LOOP_BYTES = 1 << 20
+
+
+async def off_loop(size: int, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run CPU work on `size` bytes in a thread when it is large (the event loop serves MQTT
+    meanwhile), inline when it is small (a thread hop costs more than the work)."""
+    if size >= OFF_LOOP_BYTES:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 class Coordinator:
@@ -54,6 +66,7 @@ class Coordinator:
         self.connected = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
         self._outgoing: dict[str, list[Assignment]] = {}
+        self._model_meta: dict[str, dict[str, Any]] = {}  # models are immutable: their metadata too
 
     def _key_path(self) -> str | None:
         if self.settings.key_path:
@@ -108,13 +121,23 @@ class Coordinator:
                      resumed, len(snap.tasks), len(snap.live_leases), len(snap.votes))
         self._mark_dirty()
 
+    # ---- models -------------------------------------------------------------------------------
+    async def model_meta(self, digest: str) -> dict[str, Any] | None:
+        meta = self._model_meta.get(digest)
+        if meta is None:
+            meta = await self.store.model_meta(digest)
+            if meta is not None:
+                self._model_meta[digest] = meta
+        return meta
+
     # ---- jobs ---------------------------------------------------------------------------------
     async def create_job(self, meta: Mapping[str, Any], inputs: Mapping[str, npt.NDArray[Any]],
                          options: JobOptions) -> JobRecord:
         # Slicing, hashing and encoding a large batch takes a while: off the event loop, so the
-        # MQTT loop keeps verifying results meanwhile.
-        job, tasks, blobs = await asyncio.to_thread(plan_job, meta, inputs, options, now_wall=time.time(),
-                                                    max_inline_bytes=self.settings.max_inline_bytes)
+        # MQTT loop keeps verifying results meanwhile. A small one costs less than the thread hop.
+        size = sum(a.nbytes for a in inputs.values())
+        job, tasks, blobs = await off_loop(size, plan_job, meta, inputs, options, now_wall=time.time(),
+                                           max_inline_bytes=self.settings.max_inline_bytes)
         await self.store.create_job(job, tasks, blobs)
         self.engine.add_job(job, tasks)
         log.info("job created job=%s rows=%d tasks=%d replicas=%d", job.spec.id, job.spec.rows, len(tasks),
@@ -149,7 +172,7 @@ class Coordinator:
         def assemble() -> dict[str, npt.NDArray[Any]]:
             return {n: t.to_array() for n, t in concat_rows([decode_tensor_map(b) for b in parts]).items()}
 
-        return await asyncio.to_thread(assemble)
+        return await off_loop(sum(len(b) for b in parts), assemble)
 
     # ---- persistence --------------------------------------------------------------------------
     def _mark_dirty(self) -> None:
