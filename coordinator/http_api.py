@@ -144,6 +144,8 @@ async def get_job(request: web.Request) -> web.Response:
         return fail(400, "wait must be a number of seconds")
     if wait > 0:
         await c.wait_finished(job.spec.id, wait)
+    elif job.state != "running":
+        await c.flush()  # a finished state is reported only once it is committed, so it survives a crash
     return web.json_response(job.status())
 
 
