@@ -14,6 +14,7 @@ from protocol.npz import from_npz, to_npz
 from protocol.tensors import decode_tensor_map, digest_tensors
 
 from .jobs import BadJob, JobOptions
+from .model_probe import probe_model
 from .models import InvalidModel, inspect_model
 from .service import Coordinator, off_loop
 
@@ -63,6 +64,7 @@ async def put_model(request: web.Request) -> web.Response:
         return web.json_response(meta, status=200)
     try:
         meta = inspect_model(data)
+        await probe_model(data, memory_bytes=c.settings.model_probe_bytes, seconds=c.settings.model_probe_seconds)
     except InvalidModel as exc:
         return fail(400, str(exc))
     await c.store.put_model(digest, data, meta)

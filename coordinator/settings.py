@@ -20,6 +20,10 @@ class CoordinatorSettings:
     max_message_bytes: int = 8 * 1024 * 1024
     max_body_bytes: int = 512 * 1024 * 1024
     max_model_bytes: int = 256 * 1024 * 1024
+    # A new model must load in onnxruntime within this address space (plus 4x its size) and time,
+    # in a child process, before volunteers are asked to load it (coordinator/model_probe.py).
+    model_probe_bytes: int = 1024 * 1024 * 1024
+    model_probe_seconds: float = 60.0
     sweep_seconds: float = 0.25
 
     @property

@@ -172,3 +172,17 @@ def wide_projection(inputs: int = 1024, outputs: int = 3072, seed: int = 3) -> b
          helper.make_tensor_value_info("echo", TensorProto.FLOAT, ["N", inputs])],
         [numpy_helper.from_array(w, name="w")])
     return _model(graph)
+
+
+def memory_bomb(side: int = 15000) -> bytes:
+    """196 bytes that pass onnx.checker, yet onnxruntime folds a side x side float constant at load:
+    ~0.9 GB allocated (1.8 GB peak measured) before a single row runs."""
+    shape = numpy_helper.from_array(np.array([side, side], dtype=np.int64), name="shape")
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                          value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+         helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+         helper.make_node("Add", ["x", "total"], ["y"])],
+        "memory_bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])], [shape])
+    return _model(graph)

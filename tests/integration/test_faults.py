@@ -206,3 +206,16 @@ def test_hostile_mqtt_messages_are_rejected_counted_and_the_coordinator_keeps_wo
 
     assert asyncio.run(job())["state"] == "done"
 
+
+
+def test_a_model_that_would_exhaust_a_volunteers_memory_is_refused_at_upload(network: Network) -> None:
+    async def scenario() -> tuple[int, dict[str, Any], int]:
+        async with aiohttp.ClientSession() as s:
+            async with s.put(network.url + "/v1/models", data=models.memory_bomb()) as r:
+                refused = (r.status, await r.json())
+            async with s.put(network.url + "/v1/models", data=models.classifier()) as r:
+                return refused[0], refused[1], r.status
+
+    status, body, afterwards = asyncio.run(scenario())
+    assert status == 400 and "of memory" in body["error"]
+    assert afterwards == 201
