@@ -81,6 +81,7 @@ def test_models_with_several_inputs_integer_inputs_and_a_dynamic_axis_run_end_to
         (models.two_inputs(), {"a": rng.standard_normal((50, 4)).astype(np.float32),
                                "b": rng.standard_normal((50, 4)).astype(np.float32)}),
         (models.int_input(), {"ids": rng.integers(0, 50, size=(40, 6)).astype(np.int64)}),
+        (models.int32_input(), {"ids": rng.integers(0, 50, size=(40, 6)).astype(np.int32)}),
         (models.dynamic_seq(), {"tokens": rng.standard_normal((30, 11)).astype(np.float32)}),
     ]
 
