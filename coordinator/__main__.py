@@ -65,6 +65,9 @@ async def serve(settings: CoordinatorSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The event loop hands work to the SQLite thread and back many times per job; at CPython's
+    # default 5 ms GIL switch interval each hand-off can wait that long behind the busy loop.
+    sys.setswitchinterval(0.0005)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
