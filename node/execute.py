@@ -111,7 +111,8 @@ class Pipeline:
         if not inline:
             await self._retry("outputs", lambda: api.put_outputs(
                 self._http, self._base_url, digest, a.lease, packed))
-        log.debug(kv("task_done", task=a.task, lease=a.lease, elapsed=round(outcome.elapsed, 6),
-                     output=digest[:12], inline=inline))
+        if log.isEnabledFor(logging.DEBUG):  # not built per task unless someone reads it
+            log.debug(kv("task_done", task=a.task, lease=a.lease, elapsed=round(outcome.elapsed, 6),
+                         output=digest[:12], inline=inline))
         return Result(task=a.task, job=a.job, lease=a.lease, input_digest=a.input_digest,
                       output_digest=digest, outputs=tensors if inline else None, elapsed=outcome.elapsed)

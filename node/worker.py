@@ -242,8 +242,9 @@ class Node:
                 self.held[a.lease] = asyncio.create_task(self._work(a), name=f"task-{a.lease}")
         self.outbox.release(expired, "expired on arrival")
         self.outbox.release(refused, "node shutting down" if self.draining else "over capacity")
-        log.debug(kv("assignments", received=len(items), held=len(self.held), expired=len(expired),
-                     refused=len(refused)))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(kv("assignments", received=len(items), held=len(self.held), expired=len(expired),
+                         refused=len(refused)))
 
     async def _work(self, a: Assignment) -> None:
         try:
