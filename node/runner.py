@@ -77,6 +77,15 @@ class RunOutcome:
     """Seconds spent in `InferenceSession.run` alone (not loading, not fetching)."""
 
 
+def load_session(model_path: Path, digest: str, opt_level: int) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=session_options(opt_level), providers=PROVIDERS)
+    except TaskFailed:
+        raise
+    except Exception as exc:
+        raise TaskFailed(f"model {digest[:12]} failed to load: {type(exc).__name__}: {exc}") from exc
+
+
 class _Sessions(threading.local):
     def __init__(self) -> None:
         self.by_key: OrderedDict[tuple[str, int], ort.InferenceSession] = OrderedDict()
@@ -106,6 +115,11 @@ class Runner:
         rows = max(1, min((a.shape[0] for a in inputs.values() if a.ndim), default=1))
         per_row = self._seconds_per_row.get(key)
         if per_row is not None and per_row * rows < INLINE_SECONDS:
+            if key not in self._local.by_key:
+                # This (event loop) thread's own session: loaded in a worker, so that a large
+                # model never stalls the loop while it loads.
+                loaded = await asyncio.to_thread(load_session, model_path, digest, opt_level)
+                self._cache(key, loaded)
             outcome = self.run_sync(model_path, digest, opt_level, inputs)
         else:
             loop = asyncio.get_running_loop()
@@ -138,19 +152,16 @@ class Runner:
                 self._busy -= 1
 
     def _session(self, model_path: Path, digest: str, opt_level: int) -> ort.InferenceSession:
-        sessions = self._local.by_key
         key = (digest, opt_level)
-        session = sessions.get(key)
+        session = self._local.by_key.get(key)
         if session is not None:
-            sessions.move_to_end(key)
+            self._local.by_key.move_to_end(key)
             return session
-        try:
-            session = ort.InferenceSession(str(model_path), sess_options=session_options(opt_level),
-                                           providers=PROVIDERS)
-        except TaskFailed:
-            raise
-        except Exception as exc:
-            raise TaskFailed(f"model {digest[:12]} failed to load: {type(exc).__name__}: {exc}") from exc
+        return self._cache(key, load_session(model_path, digest, opt_level))
+
+    def _cache(self, key: tuple[str, int], session: ort.InferenceSession) -> ort.InferenceSession:
+        """Keep `session` as the calling thread's, evicting its least recently used beyond the limit."""
+        sessions = self._local.by_key
         sessions[key] = session
         while len(sessions) > self._max_sessions:
             sessions.popitem(last=False)

@@ -433,3 +433,19 @@ async def test_a_lease_that_expires_before_a_slot_is_free_is_not_run(
 
     with pytest.raises(NotRun):
         await _pipeline(tmp_path, base, http, runner).execute(a)
+
+
+async def test_tiny_tasks_move_onto_the_event_loop_and_give_bitwise_the_same_outputs(tmp_path: Path) -> None:
+    path = _save(classifier(), tmp_path / "m.onnx")
+    x = np.random.default_rng(5).standard_normal((1, 4)).astype(np.float32)
+    runner = Runner(1)
+    try:
+        outcomes = [await runner.run(path, _digest(path), 99, {"x": x}) for _ in range(5)]
+    finally:
+        runner.close()
+    first = outcomes[0].outputs
+    for later in outcomes[1:]:
+        assert later.outputs.keys() == first.keys()
+        assert all(later.outputs[n].tobytes() == first[n].tobytes() for n in first)
+    # the first run went to the slot thread; once timed as tiny, runs use this (loop) thread's session
+    assert (_digest(path), 99) in runner._local.by_key
