@@ -101,7 +101,11 @@ class Runner:
         self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="sc-slot")
         self._busy = 0
         self._busy_lock = threading.Lock()
-        self._seconds_per_row: dict[tuple[str, int], float] = {}  # EWMA, updated on the loop thread
+        # Seconds per input element, per (model, opt level): per element rather than per row, so a
+        # job with longer sequences on a dynamic axis is not mistaken for a tiny one. Updated on the
+        # loop thread; it rises at once when a run is slower and decays slowly, so a heavy task is
+        # never run on the event loop twice.
+        self._seconds_per_element: dict[tuple[str, int], float] = {}
 
     @property
     def busy(self) -> int:
@@ -112,9 +116,9 @@ class Runner:
     async def run(self, model_path: Path, digest: str, opt_level: int, inputs: Mapping[str, npt.NDArray[Any]]
                   ) -> RunOutcome:
         key = (digest, opt_level)
-        rows = max(1, min((a.shape[0] for a in inputs.values() if a.ndim), default=1))
-        per_row = self._seconds_per_row.get(key)
-        if per_row is not None and per_row * rows < INLINE_SECONDS:
+        elements = max(1, sum(int(a.size) for a in inputs.values()))
+        per_element = self._seconds_per_element.get(key)
+        if per_element is not None and per_element * elements < INLINE_SECONDS:
             if key not in self._local.by_key:
                 # This (event loop) thread's own session: loaded in a worker, so that a large
                 # model never stalls the loop while it loads.
@@ -124,8 +128,9 @@ class Runner:
         else:
             loop = asyncio.get_running_loop()
             outcome = await loop.run_in_executor(self._pool, self.run_sync, model_path, digest, opt_level, inputs)
-        seen = outcome.elapsed / rows
-        self._seconds_per_row[key] = seen if per_row is None else 0.8 * per_row + 0.2 * seen
+        seen = outcome.elapsed / elements
+        self._seconds_per_element[key] = (seen if per_element is None or seen > per_element
+                                          else 0.8 * per_element + 0.2 * seen)
         return outcome
 
     def run_sync(self, model_path: Path, digest: str, opt_level: int,
