@@ -22,7 +22,7 @@ from ledger.entries import Credit
 from protocol.messages import Assignment, Result
 from protocol.tensors import encode_tensor_map, tensors_from_arrays
 
-from .quorum import Accepted, Vote, check_finite, decide_quorum
+from .quorum import Accepted, Undecided, Verdict, Vote, check_finite, decide_quorum
 from .records import (
     NEVER_RAN,
     BlobPut,
@@ -77,14 +77,21 @@ class Engine:
         self.counters: Counter[str] = Counter()
 
     # ---- jobs -------------------------------------------------------------------------------
-    def add_job(self, job: JobRecord, tasks: list[TaskRecord]) -> None:
+    def add_job(self, job: JobRecord, tasks: list[TaskRecord], *, now_wall: float | None = None) -> None:
+        """A new job, or one restored after a restart with its open tasks (and their votes)."""
+        now_wall = job.spec.created_at if now_wall is None else now_wall
         self.jobs[job.spec.id] = job
         for t in tasks:
             self.tasks[t.id] = t
-            if t.state is TaskState.OPEN:
-                self._replan(t)
-        if job.state is JobState.RUNNING and tasks and all(t.state is not TaskState.OPEN for t in tasks):
-            self._maybe_finish(job, now_wall=job.spec.created_at)
+            if t.state is not TaskState.OPEN:
+                continue
+            # Restored votes may already agree (the process died before committing the verdict).
+            verdict = self._tally(t, job)
+            if isinstance(verdict, Accepted):
+                self._verify(t, job, verdict, now_wall)
+            else:
+                self._replan(t, now_wall=now_wall)
+        self._maybe_finish(job, now_wall)
 
     def restore_lease(self, lease: LeaseRecord) -> None:
         """A lease that was live when the previous process stopped: its node may still answer."""
@@ -190,7 +197,7 @@ class Engine:
         else:
             task.votes.append(Vote(lease.id, node, lease.owner, result.output_digest, outputs,
                                    stored=result.outputs is None))
-            verdict = decide_quorum(task.votes, k=job.spec.replicas, tol=job.spec.tolerance)
+            verdict = self._tally(task, job)
             if isinstance(verdict, Accepted):
                 self._verify(task, job, verdict, now_wall)
                 return self._fill(now, now_wall)
@@ -260,14 +267,19 @@ class Engine:
         job.finished_at = now_wall
         self.ops.append(JobFinished(job.spec.id, job.state, job.error, now_wall))
 
+    @staticmethod
+    def _tally(task: TaskRecord, job: JobRecord) -> Verdict:
+        """Decide the quorum over the task's votes, and remember its best group for `_replan`:
+        the comparison (allclose over possibly large outputs) runs once per vote, not once per
+        lease that ends."""
+        verdict = decide_quorum(task.votes, k=job.spec.replicas, tol=job.spec.tolerance)
+        task.best_group = verdict.best_group if isinstance(verdict, Undecided) else job.spec.replicas
+        return verdict
+
     def _replan(self, task: TaskRecord, *, now_wall: float | None = None) -> None:
         job = self.jobs[task.job]
-        best = 0
-        if task.votes:
-            verdict = decide_quorum(task.votes, k=job.spec.replicas, tol=job.spec.tolerance)
-            best = getattr(verdict, "best_group", 0)
         plan = plan_replicas(k=job.spec.replicas, max_results=job.spec.max_results, live=len(task.live),
-                             attempts=task.attempts, best_group=best, last_problem=task.last_problem,
+                             attempts=task.attempts, best_group=task.best_group, last_problem=task.last_problem,
                              errors=task.errors, max_errors=job.spec.max_errors)
         if plan.fail_reason is not None:
             self._fail(task, job, plan.fail_reason, now_wall if now_wall is not None else job.spec.created_at)

@@ -47,6 +47,7 @@ class TaskRecord:
     owners: set[str] = field(default_factory=set)
     live: set[str] = field(default_factory=set)
     votes: list[Vote] = field(default_factory=list)
+    best_group: int = 0  # distinct owners in the largest agreeing group of `votes` (Engine._tally)
     last_problem: str | None = None
     canonical_digest: str | None = None
     error: str | None = None

@@ -112,7 +112,7 @@ class Coordinator:
             task.votes.append(Vote(v.lease, v.node, v.owner, v.output_digest, arrays, stored=True))
         now, wall = time.monotonic(), time.time()
         for job in snap.jobs:
-            self.engine.add_job(job, by_job.get(job.spec.id, []))
+            self.engine.add_job(job, by_job.get(job.spec.id, []), now_wall=wall)
         for lease in snap.live_leases:
             self.engine.restore_lease(replace(lease, deadline=now + max(0.0, lease.expires_at - wall)))
         resumed = sum(1 for j in snap.jobs if j.state == "running")

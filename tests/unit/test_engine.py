@@ -9,6 +9,7 @@ import numpy as np
 
 from coordinator.engine import Engine
 from coordinator.jobs import JobOptions, plan_job
+from coordinator.quorum import Vote
 from coordinator.records import JobFinished, LeaseClosed, TaskDecided
 from coordinator.scheduler import JobState, TaskState
 from protocol.messages import Assignment, Result
@@ -167,3 +168,20 @@ def test_after_a_restart_a_restored_lease_its_node_no_longer_holds_is_reissued_a
     assert [x.task for x in out["n1"]] == [task.id]
     assert b.lease in after.leases and a.lease not in after.leases
     assert after.counters["lease_lost_in_restart"] == 1
+
+
+def test_restored_votes_that_already_agree_are_decided_at_once() -> None:
+    job, tasks, _ = plan_job(META, {"x": np.ones((2, 2), dtype=np.float32)},
+                             JobOptions(replicas=2, task_size=2, max_results=None, final="argmax"),
+                             now_wall=0.0, max_inline_bytes=1 << 20)
+    outputs = {"y": np.full((2, 2), 2.0, dtype=np.float32)}
+    digest = digest_tensors(tensors_from_arrays(outputs))
+    tasks[0].votes = [Vote(f"l{i}", f"n{i}", f"o{i}", digest, outputs, stored=True) for i in (1, 2)]
+    engine = Engine(lease_seconds=10, max_inline_bytes=1 << 20, new_id=lambda: "unused")
+
+    engine.add_job(job, tasks, now_wall=5.0)  # a restart: the verdict had not been committed
+
+    decided = next(op for op in engine.ops if isinstance(op, TaskDecided))
+    assert decided.state is TaskState.VERIFIED and {c.node for c in decided.credits} == {"n1", "n2"}
+    assert engine.jobs[job.spec.id].state is JobState.DONE
+    assert engine.on_work_request("n3", "o3", 1, 1, now=6, now_wall=6) == {}  # nothing left to issue
