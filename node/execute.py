@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from protocol.errors import PeerError
 from protocol.messages import Assignment, Result
-from protocol.tensors import Tensor, digest_tensors, encode_tensor_map, tensors_from_arrays
+from protocol.tensors import Tensor, digest_tensors, encode_tensor_map, encoded_size_bound, tensors_from_arrays
 
 from . import api
 from .cache import ModelCache
@@ -106,9 +106,9 @@ class Pipeline:
         except PeerError as exc:  # e.g. a string output: not a dtype the protocol carries
             raise TaskFailed(f"model output cannot be sent: {exc}") from exc
         digest = digest_tensors(tensors)
-        packed = encode_tensor_map(tensors)
-        inline = len(packed) <= self._inline_limit
+        inline = encoded_size_bound(tensors) <= self._inline_limit  # measured without encoding
         if not inline:
+            packed = encode_tensor_map(tensors)
             await self._retry("outputs", lambda: api.put_outputs(
                 self._http, self._base_url, digest, a.lease, packed))
         if log.isEnabledFor(logging.DEBUG):  # not built per task unless someone reads it

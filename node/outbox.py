@@ -109,12 +109,12 @@ class Outbox:
         """Send `results` in as few envelopes as fit; on failure the unsent ones are left in the list."""
         budget = batching.results_budget(max_message_bytes=self._max_message_bytes, node=self._node,
                                          runtime=self._runtime)
-        sizes = [batching.result_size(r) for r in results]
+        sizes = [batching.result_size_bound(r) for r in results]
         for i, size in enumerate(sizes):
             if size > budget:  # cannot happen with sane limits: outputs over the inline limit go by HTTP
                 results[i] = dataclasses.replace(results[i], output_digest="", outputs=None,
                                                  error="result too large for one message")
-                sizes[i] = batching.result_size(results[i])
+                sizes[i] = batching.result_size_bound(results[i])
         for batch in batching.split_batches(results, sizes, budget=budget):
             nbytes = await publish(client, self._topics.result(self._node),
                                    Results(node=self._node, runtime=self._runtime, items=tuple(batch)),

@@ -89,6 +89,17 @@ def encode_tensor_map(tensors: TensorMap) -> bytes:
     return bytes(msgpack.packb(tensors_to_wire(tensors), use_bin_type=True))
 
 
+def encoded_size_bound(tensors: TensorMap) -> int:
+    """An upper bound of `len(encode_tensor_map(tensors))` from lengths alone, every msgpack
+    header at its largest (5 bytes): a sender decides "inline or upload?" without encoding twice."""
+    total = 5
+    for name, t in tensors.items():
+        # name; {"dtype", "shape", "data"} as a map header and three short keys (17 bytes);
+        # the dtype string; the shape list (9 bytes an int at most); the data bytes
+        total += 5 + len(name.encode()) + 5 + 17 + 5 + len(t.dtype) + 5 + 9 * len(t.shape) + 5 + len(t.data)
+    return total
+
+
 def decode_tensor_map(data: bytes) -> dict[str, Tensor]:
     """Inverse of `encode_tensor_map`; anything malformed is a `BadTensor` (a peer error)."""
     try:
@@ -114,15 +125,6 @@ def digest_tensors(tensors: TensorMap) -> str:
 
 def tensors_from_arrays(arrays: Mapping[str, npt.ArrayLike]) -> dict[str, Tensor]:
     return {name: Tensor.from_array(a) for name, a in arrays.items()}
-
-
-def arrays_from_tensors(tensors: TensorMap) -> dict[str, npt.NDArray[Any]]:
-    return {name: t.to_array() for name, t in tensors.items()}
-
-
-def slice_rows(tensors: TensorMap, start: int, stop: int) -> dict[str, Tensor]:
-    """Rows [start, stop) of every tensor along the first (batch) axis."""
-    return {name: Tensor.from_array(t.to_array()[start:stop]) for name, t in tensors.items()}
 
 
 def concat_rows(parts: Sequence[TensorMap]) -> dict[str, Tensor]:
