@@ -27,8 +27,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cli.processes import ProcessGroup, free_port  # noqa: E402
-from client.sdk import CoordinatorClient  # noqa: E402
+from sparecycles.cli.processes import ProcessGroup, free_port  # noqa: E402
+from sparecycles.sdk import Client  # noqa: E402
 from tests.models import classifier, deep_mlp  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def start_network(group: ProcessGroup, tmp: Path) -> tuple[str, int]:
         group.start_command([mosquitto, "-c", str(tmp / "mosquitto.conf")], name="mosquitto", port=broker_port)
     else:
         print("mosquitto not found: using the embedded broker (slower)", file=sys.stderr)
-        group.start("cli.broker", ["--listen", f"127.0.0.1:{broker_port}"], ready=r"broker ready")
+        group.start("sparecycles.cli.broker", ["--listen", f"127.0.0.1:{broker_port}"], ready=r"broker ready")
     broker = f"mqtt://127.0.0.1:{broker_port}"
     url = f"http://127.0.0.1:{http_port}"
     group.start("coordinator", ["--broker", broker, "--db", f"sqlite:///{tmp}/bench.db", "--http",
@@ -87,7 +87,7 @@ def start_network(group: ProcessGroup, tmp: Path) -> tuple[str, int]:
     return url, broker_port
 
 
-async def timed_job(c: CoordinatorClient, model: str, x: np.ndarray, task_size: int | None) -> tuple[float, dict]:
+async def timed_job(c: Client, model: str, x: np.ndarray, task_size: int | None) -> tuple[float, dict]:
     t0 = time.perf_counter()
     job = await c.submit(model, {"x": x}, task_size=task_size)
     status = await c.wait(job["job"], poll=5.0, timeout=600)
@@ -110,7 +110,7 @@ def local_rows_per_second(model: bytes, x: np.ndarray, task_size: int) -> float:
 async def bench(url: str, broker_port: int, args: argparse.Namespace) -> None:
     model_bytes = classifier(features=8, classes=4)
     rng = np.random.default_rng(0)
-    async with CoordinatorClient(url) as c:
+    async with Client(url) as c:
         model = await c.ensure_model(model_bytes)
         await timed_job(c, model, rng.standard_normal((64, 8)).astype(np.float32), 8)  # warm up caches
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.processes import ProcessGroup
+from sparecycles.cli.processes import ProcessGroup
 
 from .network import Network
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli.processes import ManagedProcess, ProcessGroup, free_port
+from sparecycles.cli.processes import ManagedProcess, ProcessGroup, free_port
 
 READY_TIMEOUT = 60.0
 

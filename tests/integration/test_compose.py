@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from cli.processes import ProcessGroup, free_port
-from client.sdk import CoordinatorClient
+from sparecycles.cli.processes import ProcessGroup, free_port
+from sparecycles.sdk import Client
 from tests import models
 
 from .test_end_to_end import assert_outputs_match, local_run
@@ -30,9 +30,9 @@ def flag(command: list[str], name: str) -> str:
 
 
 def test_every_sparecycles_command_in_compose_parses_with_the_real_cli() -> None:
-    from cli.main import build_parser
     from coordinator.__main__ import build_parser as coordinator_parser
     from node.__main__ import build_parser as node_parser
+    from sparecycles.cli.main import build_parser
 
     for name in ("coordinator", *NODES):
         command = SERVICES[name]["command"]
@@ -89,7 +89,7 @@ def test_the_compose_layout_runs_as_real_processes(tmp_path: Path, mosquitto_bin
         model, x = models.classifier(), np.random.default_rng(5).standard_normal((64, 8)).astype(np.float32)
 
         async def run() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-            async with CoordinatorClient(f"http://127.0.0.1:{http_port}") as c:
+            async with Client(f"http://127.0.0.1:{http_port}") as c:
                 job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=16)
                 return await c.wait(job["job"], timeout=60), await c.outputs(job["job"])
 

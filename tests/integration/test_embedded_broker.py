@@ -1,4 +1,4 @@
-"""The embedded broker (`python -m cli.broker`, amqtt) as a real process, checked for the three
+"""The embedded broker (`python -m sparecycles.cli.broker`, amqtt) as a real process, checked for the three
 things the coordinator relies on: QoS-1 delivery, retained messages and a Will when a client dies."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from cli.processes import ManagedProcess, ProcessGroup, free_port
+from sparecycles.cli.processes import ManagedProcess, ProcessGroup, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,8 @@ class Broker:
 def broker(tmp_path: Path) -> Iterator[Broker]:
     port = free_port()
     with ProcessGroup(tmp_path / "logs") as group:
-        proc = group.start("cli.broker", ["--listen", f"127.0.0.1:{port}"], ready=r"broker ready", timeout=30)
+        proc = group.start("sparecycles.cli.broker", ["--listen", f"127.0.0.1:{port}"], ready=r"broker ready",
+                           timeout=30)
         yield Broker(proc, port)
     # The group stopped exactly this PID; a clean SIGTERM shutdown exits 0.
     assert proc.returncode == 0, proc.log_tail()
@@ -157,7 +158,7 @@ async def test_a_clean_disconnect_does_not_send_the_will(broker: Broker) -> None
 
 def test_port_zero_reports_the_bound_port_and_sigterm_exits_zero(tmp_path: Path) -> None:
     with ProcessGroup(tmp_path / "logs") as group:
-        proc = group.start("cli.broker", ["--listen", "127.0.0.1:0"])
+        proc = group.start("sparecycles.cli.broker", ["--listen", "127.0.0.1:0"])
         match = proc.wait_for_line(r"broker ready mqtt://127\.0\.0\.1:(\d+)$", timeout=30)
         assert int(match.group(1)) > 0
 

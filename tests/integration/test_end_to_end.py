@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client.sdk import CoordinatorClient
 from protocol.npz import from_npz, to_npz
+from sparecycles.sdk import Client
 from tests import models
 
 from .network import Network
@@ -29,7 +29,7 @@ def local_run(model: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "sparecycles", *args], capture_output=True, text=True, timeout=timeout,
                           check=False)
 
 
@@ -41,7 +41,7 @@ def assert_outputs_match(got: dict[str, np.ndarray], want: dict[str, np.ndarray]
 
 
 async def run_job(net: Network, model: bytes, inputs: dict[str, np.ndarray], **options: int) -> tuple[dict, dict]:
-    async with CoordinatorClient(net.url) as c:
+    async with Client(net.url) as c:
         digest = await c.ensure_model(model)
         job = await c.submit(digest, inputs, **options)
         status = await c.wait(job["job"], timeout=120)
@@ -100,7 +100,7 @@ def test_a_job_submitted_before_any_node_connects_waits_and_then_completes(netwo
     x = np.ones((20, 8), dtype=np.float32)
 
     async def scenario() -> tuple[dict, dict]:
-        async with CoordinatorClient(network.url) as c:
+        async with Client(network.url) as c:
             job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=5)
             await asyncio.sleep(1.0)
             assert (await c.status(job["job"]))["state"] == "running"

@@ -15,7 +15,6 @@ import msgpack
 import numpy as np
 import pytest
 
-from client.sdk import CoordinatorClient
 from ledger.verify import find_discrepancies
 from node.settings import NodeSettings
 from node.worker import run_node
@@ -23,6 +22,7 @@ from protocol.codec import seal
 from protocol.messages import Result, Results, WorkRequest
 from protocol.signing import Identity
 from protocol.tensors import digest_tensors, tensors_from_arrays
+from sparecycles.sdk import Client
 from tests import models
 
 from .network import Network
@@ -37,7 +37,7 @@ async def health(net: Network) -> dict[str, Any]:
 
 
 async def ledger_consistent(net: Network) -> tuple[list[str], dict[str, Any], list[dict[str, Any]]]:
-    async with CoordinatorClient(net.url) as c:
+    async with Client(net.url) as c:
         entries, accepted, balances = await c.entries(), await c.accepted(), await c.balances()
     return find_discrepancies(entries, accepted, balances), balances, entries
 
@@ -48,7 +48,7 @@ def test_a_node_killed_mid_task_loses_nothing_and_its_task_completes_elsewhere(n
     model, x = models.deep_mlp(), np.random.default_rng(2).standard_normal((1024, 384)).astype(np.float32)
 
     async def scenario() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        async with CoordinatorClient(network.url) as c:
+        async with Client(network.url) as c:
             job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=128)
             while (await health(network))["live_leases"] < 3:
                 await asyncio.sleep(0.05)
@@ -82,7 +82,7 @@ def test_a_node_returning_wrong_outputs_is_never_accepted_nor_credited(network: 
         try:
             while not liar_ready:
                 await asyncio.sleep(0.05)
-            async with CoordinatorClient(network.url) as c:
+            async with Client(network.url) as c:
                 job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=10)
                 return await c.wait(job["job"], timeout=120), await c.outputs(job["job"])
         finally:
@@ -105,7 +105,7 @@ def test_a_coordinator_killed_mid_job_resumes_after_restart_and_credits_nothing_
     model, x = models.deep_mlp(), np.random.default_rng(4).standard_normal((1536, 384)).astype(np.float32)
 
     async def submit_and_wait_for_progress() -> str:
-        async with CoordinatorClient(network.url) as c:
+        async with Client(network.url) as c:
             job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=128)
             while (await c.status(job["job"]))["tasks"]["verified"] < 2:
                 await asyncio.sleep(0.05)
@@ -118,7 +118,7 @@ def test_a_coordinator_killed_mid_job_resumes_after_restart_and_credits_nothing_
     network.start_coordinator()
 
     async def finish() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        async with CoordinatorClient(network.url) as c:
+        async with Client(network.url) as c:
             return await c.wait(job_id, timeout=120), await c.outputs(job_id)
 
     status, outputs = asyncio.run(finish())
@@ -200,7 +200,7 @@ def test_hostile_mqtt_messages_are_rejected_counted_and_the_coordinator_keeps_wo
     model, x = models.classifier(), np.ones((10, 8), dtype=np.float32)
 
     async def job() -> dict[str, Any]:
-        async with CoordinatorClient(network.url) as c:
+        async with Client(network.url) as c:
             j = await c.submit(await c.ensure_model(model), {"x": x})
             return await c.wait(j["job"], timeout=60)
 

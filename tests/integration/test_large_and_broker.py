@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cli.processes import ProcessGroup, free_port
-from client.sdk import CoordinatorClient
+from sparecycles.cli.processes import ProcessGroup, free_port
+from sparecycles.sdk import Client
 from tests import models
 
 from .network import Network
@@ -55,7 +55,7 @@ def test_a_broker_restart_mid_job_loses_nothing(tmp_path: Path, mosquitto_binary
         x = np.random.default_rng(9).standard_normal((1536, 384)).astype(np.float32)
 
         async def scenario() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-            async with CoordinatorClient(net.url) as c:
+            async with Client(net.url) as c:
                 job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=128)
                 while (await c.status(job["job"]))["tasks"]["verified"] < 2:
                     await asyncio.sleep(0.05)

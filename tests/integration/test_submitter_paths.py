@@ -13,8 +13,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from client.sdk import CoordinatorClient
 from protocol.npz import to_npz
+from sparecycles.sdk import Client
 from tests import models
 
 from .network import Network
@@ -31,7 +31,7 @@ def test_a_small_job_can_travel_as_json_both_ways(network: Network) -> None:
     b = np.ones((3, 4), dtype=np.float32)
 
     async def scenario() -> tuple[int, dict[str, Any]]:
-        async with CoordinatorClient(network.url) as c:
+        async with Client(network.url) as c:
             digest = await c.ensure_model(model)
         async with aiohttp.ClientSession() as s:
             body = {"model": digest, "task_size": 2,
@@ -75,7 +75,7 @@ def test_a_node_stopped_with_sigterm_mid_job_exits_cleanly_and_the_job_completes
     model, x = models.deep_mlp(), np.random.default_rng(6).standard_normal((2048, 384)).astype(np.float32)
 
     async def scenario() -> tuple[dict[str, Any], dict[str, np.ndarray], int]:
-        async with CoordinatorClient(network.url) as c:
+        async with Client(network.url) as c:
             job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=64)
             while (await c.status(job["job"]))["tasks"]["verified"] < 2:
                 await asyncio.sleep(0.05)
@@ -89,7 +89,7 @@ def test_a_node_stopped_with_sigterm_mid_job_exits_cleanly_and_the_job_completes
 
 
 def test_the_demo_runs_a_real_job_on_the_embedded_broker_and_stops_everything(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "cli", "demo", "--nodes", "2"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "sparecycles", "demo", "--nodes", "2"], capture_output=True, text=True,
                           timeout=300, check=False)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]

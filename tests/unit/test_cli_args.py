@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli.main import DEFAULT_COORDINATOR, build_parser, main
+from sparecycles.cli.main import DEFAULT_COORDINATOR, build_parser, main
 
 
 def free_port() -> int:
@@ -99,8 +99,8 @@ def test_process_commands_keep_their_arguments_intact(command: str, rest: list[s
 
 @pytest.mark.parametrize(
     ("command", "module"),
-    [("coordinator", "coordinator.__main__"), ("node", "node.__main__"), ("broker", "cli.broker"),
-     ("demo", "cli.demo")],
+    [("coordinator", "coordinator.__main__"), ("node", "node.__main__"), ("broker", "sparecycles.cli.broker"),
+     ("demo", "sparecycles.cli.demo")],
 )
 def test_main_forwards_process_commands_to_their_entry_point(
     command: str, module: str, monkeypatch: pytest.MonkeyPatch
@@ -122,9 +122,9 @@ def test_main_forwards_process_commands_to_their_entry_point(
 
 
 def test_a_forwarded_entry_point_returning_none_means_success(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = types.ModuleType("cli.demo")
+    fake = types.ModuleType("sparecycles.cli.demo")
     fake.main = lambda argv: None  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "cli.demo", fake)
+    monkeypatch.setitem(sys.modules, "sparecycles.cli.demo", fake)
 
     assert main(["demo"]) == 0
 
@@ -229,10 +229,10 @@ def test_submit_to_an_unreachable_coordinator_exits_3(
 def test_a_missing_entry_point_module_is_reported_not_raised(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "cli.demo", None)  # makes `import cli.demo` fail as if absent
+    monkeypatch.setitem(sys.modules, "sparecycles.cli.demo", None)  # makes `import cli.demo` fail as if absent
 
     code = main(["demo"])
 
     err = capsys.readouterr().err
     assert code == 2
-    assert "cannot import cli.demo" in err and "pip install" in err
+    assert "cannot import sparecycles.cli.demo" in err and "pip install" in err

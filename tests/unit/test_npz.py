@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.errors import BadNpz
-from client.npz import from_npz, to_npz
+from sparecycles.errors import BadNpz
+from sparecycles.npz import from_npz, to_npz
 
 
 @pytest.mark.parametrize(

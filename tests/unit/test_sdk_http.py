@@ -26,11 +26,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from cli.main import main
-from client.errors import CoordinatorUnavailable, JobFailed, RequestRejected, WaitTimeout
-from client.npz import from_npz
-from client.progress import ProgressReporter
-from client.sdk import CoordinatorClient
+from sparecycles.cli.main import main
+from sparecycles.errors import CoordinatorUnavailable, JobFailed, RequestRejected, WaitTimeout
+from sparecycles.npz import from_npz
+from sparecycles.progress import ProgressReporter
+from sparecycles.sdk import Client
 
 MODEL = b"\x08\x07fake onnx bytes"
 MODEL_SHA = hashlib.sha256(MODEL).hexdigest()
@@ -176,7 +176,7 @@ def inputs() -> dict[str, Any]:
 
 async def test_ensure_model_uploads_only_when_head_says_404() -> None:
     fake = FakeCoordinator()
-    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url("/"))) as client:
+    async with TestServer(fake.app()) as server, Client(str(server.make_url("/"))) as client:
         first = await client.ensure_model(MODEL)
         second = await client.ensure_model(MODEL)
 
@@ -187,7 +187,7 @@ async def test_ensure_model_uploads_only_when_head_says_404() -> None:
 
 async def test_submit_sends_an_npz_body_with_options_as_query_parameters() -> None:
     fake = FakeCoordinator(models={MODEL_SHA})
-    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+    async with TestServer(fake.app()) as server, Client(str(server.make_url(""))) as client:
         job = await client.submit(MODEL_SHA, inputs(), replicas=3, task_size=2, final="exact")
         await client.submit(MODEL_SHA, inputs())
 
@@ -200,7 +200,7 @@ async def test_submit_sends_an_npz_body_with_options_as_query_parameters() -> No
 
 async def test_a_rejected_request_carries_the_servers_error_message() -> None:
     fake = FakeCoordinator()
-    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+    async with TestServer(fake.app()) as server, Client(str(server.make_url(""))) as client:
         with pytest.raises(RequestRejected) as caught:
             await client.submit(MODEL_SHA, inputs())
 
@@ -210,7 +210,7 @@ async def test_a_rejected_request_carries_the_servers_error_message() -> None:
 
 async def test_entries_and_accepted_follow_next_until_it_is_null() -> None:
     fake = FakeCoordinator()
-    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+    async with TestServer(fake.app()) as server, Client(str(server.make_url(""))) as client:
         entries = await client.entries()
         accepted = await client.accepted()
 
@@ -221,7 +221,7 @@ async def test_entries_and_accepted_follow_next_until_it_is_null() -> None:
 
 async def test_balances_and_history_return_the_servers_json() -> None:
     fake = FakeCoordinator()
-    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+    async with TestServer(fake.app()) as server, Client(str(server.make_url(""))) as client:
         balances = await client.balances()
         history = await client.history("n1")
 
@@ -232,7 +232,7 @@ async def test_balances_and_history_return_the_servers_json() -> None:
 async def test_wait_reports_each_change_and_returns_the_done_status_then_outputs_arrive() -> None:
     fake = FakeCoordinator(models={MODEL_SHA})
     seen: list[dict[str, Any]] = []
-    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+    async with TestServer(fake.app()) as server, Client(str(server.make_url(""))) as client:
         job = await client.submit(MODEL_SHA, inputs(), task_size=2)
         final = await client.wait(job["job"], on_progress=seen.append, poll=0.01)
         outputs = await client.outputs(job["job"])
@@ -245,7 +245,7 @@ async def test_wait_reports_each_change_and_returns_the_done_status_then_outputs
 
 async def test_wait_raises_job_failed_with_the_failure_reasons() -> None:
     fake = FakeCoordinator(models={MODEL_SHA}, outcome="failed")
-    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+    async with TestServer(fake.app()) as server, Client(str(server.make_url(""))) as client:
         job = await client.submit(MODEL_SHA, inputs())
         with pytest.raises(JobFailed) as caught:
             await client.wait(job["job"], poll=0.01)
@@ -257,7 +257,7 @@ async def test_wait_raises_job_failed_with_the_failure_reasons() -> None:
 
 async def test_wait_gives_up_with_wait_timeout_while_the_job_keeps_running() -> None:
     fake = FakeCoordinator(models={MODEL_SHA}, outcome="stuck")
-    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+    async with TestServer(fake.app()) as server, Client(str(server.make_url(""))) as client:
         job = await client.submit(MODEL_SHA, inputs())
         with pytest.raises(WaitTimeout) as caught:
             await client.wait(job["job"], poll=0.02, timeout=0.2)
@@ -272,7 +272,7 @@ async def test_wait_rides_out_a_coordinator_that_comes_back() -> None:
     port = free_port()
     seen: list[dict[str, Any]] = []
 
-    async with CoordinatorClient(f"http://127.0.0.1:{port}") as client:
+    async with Client(f"http://127.0.0.1:{port}") as client:
         waiting = asyncio.create_task(client.wait("j1", on_progress=seen.append, poll=0.01))
         await asyncio.sleep(0.4)  # nothing listens yet: wait() must keep retrying, not fail
         assert not waiting.done()
@@ -285,7 +285,7 @@ async def test_wait_rides_out_a_coordinator_that_comes_back() -> None:
 
 async def test_wait_raises_coordinator_unavailable_after_the_grace_period() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    async with CoordinatorClient(url) as client:
+    async with Client(url) as client:
         client.unavailable_grace = 0.3
         with pytest.raises(CoordinatorUnavailable) as caught:
             await client.wait("j1", poll=0.01)
@@ -297,7 +297,7 @@ async def test_wait_raises_coordinator_unavailable_after_the_grace_period() -> N
 async def test_progress_lines_report_verified_tasks_and_the_end() -> None:
     fake = FakeCoordinator(models={MODEL_SHA})
     out = io.StringIO()
-    async with TestServer(fake.app()) as server, CoordinatorClient(str(server.make_url(""))) as client:
+    async with TestServer(fake.app()) as server, Client(str(server.make_url(""))) as client:
         job = await client.submit(MODEL_SHA, inputs(), task_size=2)
         with ProgressReporter(job["job"], stream=out, interval=0.0) as report:
             await client.wait(job["job"], on_progress=report, poll=0.01)

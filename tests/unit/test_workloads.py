@@ -11,7 +11,7 @@ import pytest
 from google.protobuf.message import DecodeError
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
 
-from cli.workloads import DIGITS_INPUT, Workload, accuracy, digits_mlp, predicted_labels, run_onnx
+from sparecycles.cli.workloads import DIGITS_INPUT, Workload, accuracy, digits_mlp, predicted_labels, run_onnx
 from tests import models
 
 CPU = ["CPUExecutionProvider"]

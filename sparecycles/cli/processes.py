@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 # The repository root, so `python -m coordinator` imports this checkout whatever the cwd is.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 POLL_SECONDS = 0.05
 
 
@@ -182,7 +182,7 @@ class ProcessGroup:
 
     ```
     with ProcessGroup(tmp / "logs") as group:
-        broker = group.start("cli.broker", ["--listen", "127.0.0.1:0"], ready=r"broker ready (\\S+)")
+        broker = group.start("sparecycles.cli.broker", ["--listen", "127.0.0.1:0"], ready=r"broker ready (\\S+)")
     ```
     """
 

@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from client.errors import SparecyclesError
-from client.progress import ProgressReporter
-from client.sdk import CoordinatorClient
+from sparecycles.errors import SparecyclesError
+from sparecycles.progress import ProgressReporter
+from sparecycles.sdk import Client
 
 from .processes import ManagedProcess, ProcessError, ProcessGroup, free_port
 from .workloads import Workload, accuracy, digits_mlp, predicted_labels, run_onnx
@@ -109,7 +109,7 @@ def parse_settings(argv: list[str] | None) -> DemoSettings:
 def start_broker(group: ProcessGroup) -> str:
     say("[1/6] starting the embedded MQTT broker (amqtt, pure Python) on a free port")
     # Port 0 and the URL read back from the ready line: no window for another program to take it.
-    broker = group.start("cli.broker", ["--listen", "127.0.0.1:0"], name="broker")
+    broker = group.start("sparecycles.cli.broker", ["--listen", "127.0.0.1:0"], name="broker")
     url = broker.wait_for_line(r"broker ready (mqtt://\S+)", READY_TIMEOUT).group(1)
     say(f"      broker ready at {url} (pid {broker.pid})")
     return url
@@ -196,7 +196,7 @@ async def watch(group: ProcessGroup, replicas: int) -> None:
 
 
 async def run_job(url: str, workload: Workload, settings: DemoSettings) -> JobReport:
-    async with CoordinatorClient(url) as client:
+    async with Client(url) as client:
         digest = await client.ensure_model(workload.model)
         say(f"[5/6] submitting {workload.rows} rows (model sha256 {digest[:12]}…) in tasks of "
             f"{settings.task_size} rows, each verified by {settings.replicas} nodes of different owners")

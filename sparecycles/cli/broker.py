@@ -1,4 +1,4 @@
-"""Embedded MQTT broker for a machine with no servers: `python -m cli.broker --listen HOST:PORT`.
+"""Embedded MQTT broker for a machine with no servers: `python -m sparecycles.cli.broker --listen HOST:PORT`.
 
 amqtt is pure Python (MQTT 3.1.1 only, ~2k QoS-1 msg/s): fine for the demo and tests, not for
 production, where Mosquitto takes its place. It supports what the coordinator relies on — QoS 1,
@@ -118,7 +118,7 @@ async def serve(host: str, port: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cli.broker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sparecycles.cli.broker", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--listen",
         type=parse_listen,

@@ -1,6 +1,6 @@
 """Async SDK over the coordinator's HTTP API (docs/http-api.md).
 
-    async with CoordinatorClient("http://127.0.0.1:8080") as c:
+    async with Client("http://127.0.0.1:8080") as c:
         model = await c.ensure_model(onnx_bytes)
         job = await c.submit(model, {"x": rows})
         await c.wait(job["job"], on_progress=print)
@@ -48,8 +48,8 @@ def _normalise_base_url(base_url: str) -> str:
     return url
 
 
-class CoordinatorClient:
-    """One aiohttp session to one coordinator; use as `async with CoordinatorClient(url) as c:`."""
+class Client:
+    """One aiohttp session to one coordinator; use as `async with Client(url) as c:`."""
 
     def __init__(self, base_url: str, *, timeout: float = 300.0) -> None:
         self.base_url = _normalise_base_url(base_url)
@@ -58,7 +58,7 @@ class CoordinatorClient:
         self.unavailable_grace = 60.0
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> CoordinatorClient:
+    async def __aenter__(self) -> Client:
         self._ensure_session()
         return self
 

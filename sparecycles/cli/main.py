@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
-from client.errors import (
+from sparecycles.errors import (
     BadNpz,
     CoordinatorUnavailable,
     JobFailed,
@@ -31,9 +31,9 @@ from client.errors import (
     SparecyclesError,
     WaitTimeout,
 )
-from client.npz import from_npz, to_npz
-from client.progress import ProgressReporter
-from client.sdk import CoordinatorClient
+from sparecycles.npz import from_npz, to_npz
+from sparecycles.progress import ProgressReporter
+from sparecycles.sdk import Client
 
 ENV_COORDINATOR = "SPARECYCLES_COORDINATOR"
 DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
@@ -48,8 +48,8 @@ EXIT_INTERRUPTED = 130
 FORWARDED: dict[str, tuple[str, str]] = {
     "coordinator": ("coordinator.__main__", "run a coordinator (HTTP API + MQTT); --help lists its options"),
     "node": ("node.__main__", "run a volunteer node daemon; --help lists its options"),
-    "broker": ("cli.broker", "run the embedded MQTT broker (demo and tests; use Mosquitto in production)"),
-    "demo": ("cli.demo", "run broker, coordinator and nodes on this machine and submit a real job"),
+    "broker": ("sparecycles.cli.broker", "run the embedded MQTT broker (demo and tests; use Mosquitto in production)"),
+    "demo": ("sparecycles.cli.demo", "run broker, coordinator and nodes on this machine and submit a real job"),
 }
 MAX_FAILURES_SHOWN = 20
 
@@ -197,11 +197,11 @@ def forward(command: str, argv: Sequence[str]) -> int:
 # -- client commands -------------------------------------------------------------------------------
 
 
-def _run(url: str, action: Callable[[CoordinatorClient], Awaitable[T]]) -> T:
+def _run(url: str, action: Callable[[Client], Awaitable[T]]) -> T:
     """Run `action` with a client for `url`; expected failures become `CliExit` with advice."""
 
     async def go() -> T:
-        async with CoordinatorClient(url) as client:
+        async with Client(url) as client:
             return await action(client)
 
     try:
@@ -263,7 +263,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
 
-    async def action(client: CoordinatorClient) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def action(client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
         digest = await client.ensure_model(model)
         job = await client.submit(digest, inputs, replicas=args.replicas, task_size=args.task_size,
                                   final=args.final)
@@ -342,7 +342,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     find_discrepancies = _import("ledger.verify").find_discrepancies
 
-    async def fetch(client: CoordinatorClient) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    async def fetch(client: Client) -> tuple[list[Any], list[Any], dict[str, Any]]:
         return await client.entries(), await client.accepted(), await client.balances()
 
     entries, accepted, balances = _run(args.coordinator, fetch)

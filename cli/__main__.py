@@ -1,7 +1,0 @@
-"""`python -m cli ...` is `sparecycles ...`."""
-
-import sys
-
-from cli.main import main
-
-sys.exit(main())
