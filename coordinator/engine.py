@@ -22,6 +22,7 @@ from ledger.entries import Credit
 from protocol.messages import Assignment, Result
 from protocol.tensors import encode_tensor_map, tensors_from_arrays
 
+from .queries import JobView, LeaseView, NodeView
 from .quorum import Accepted, Undecided, Verdict, Vote, check_finite, decide_quorum
 from .records import (
     NEVER_RAN,
@@ -363,6 +364,31 @@ class Engine:
 
     def live_nodes(self) -> int:
         return len(self._waiting)
+
+    # ---- read views (coordinator.queries) -----------------------------------------------------
+    def job_view(self, job_id: str) -> JobView | None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        return JobView(id=job_id, state=str(job.state), error=job.error, status=job.status())
+
+    def lease_view(self, lease_id: str) -> LeaseView | None:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return None
+        return LeaseView(id=lease.id, task=lease.task, job=lease.job, node=lease.node,
+                         input_digest=self.tasks[lease.task].input_digest, expires_at=lease.expires_at)
+
+    def node_views(self) -> list[NodeView]:
+        holding = {n for n, leases in self._node_leases.items() if leases}
+        out = []
+        for node in sorted(holding | set(self._waiting)):
+            waiting = self._waiting.get(node)
+            leases = self._node_leases.get(node, set())
+            owner = waiting.owner if waiting is not None else self.leases[next(iter(leases))].owner
+            out.append(NodeView(node=node, owner=owner, capacity=waiting.capacity if waiting else 0,
+                                leases=len(leases)))
+        return out
 
 
 def _check_outputs(outputs: Mapping[str, npt.NDArray[Any]], job: JobRecord, task: TaskRecord) -> str | None:

@@ -8,14 +8,14 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from protocol.digests import is_sha256_hex, sha256_hex
+from protocol.digests import is_sha256_hex
 from protocol.errors import PeerError
 from protocol.npz import from_npz, to_npz
 from protocol.tensors import decode_tensor_map, digest_tensors
 
 from .jobs import BadJob, JobOptions
-from .model_probe import probe_model
-from .models import InvalidModel, inspect_model
+from .models import InvalidModel
+from .queries import LeaseView
 from .service import Coordinator, off_loop
 
 COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
@@ -58,17 +58,11 @@ async def put_model(request: web.Request) -> web.Response:
     data = await request.read()
     if not data:
         return fail(400, "empty body: send the ONNX file's bytes (PUT /v1/models)")
-    digest = sha256_hex(data)
-    meta = await c.model_meta(digest)
-    if meta is not None:
-        return web.json_response(meta, status=200)
     try:
-        meta = inspect_model(data)
-        await probe_model(data, memory_bytes=c.settings.model_probe_bytes, seconds=c.settings.model_probe_seconds)
+        meta, created = await c.add_model(data)
     except InvalidModel as exc:
         return fail(400, str(exc))
-    await c.store.put_model(digest, data, meta)
-    return web.json_response(meta, status=201)
+    return web.json_response(meta, status=201 if created else 200)
 
 
 async def head_model(request: web.Request) -> web.Response:
@@ -77,7 +71,7 @@ async def head_model(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    data = await request.app[COORDINATOR].store.get_model(request.match_info["digest"])
+    data = await request.app[COORDINATOR].model_bytes(request.match_info["digest"])
     if data is None:
         return fail(404, "unknown model digest")
     return web.Response(body=data, content_type="application/octet-stream")
@@ -137,7 +131,8 @@ async def post_job(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     """`?wait=S` long-polls: answers as soon as the job is finished and committed (at most S s)."""
     c = request.app[COORDINATOR]
-    job = c.engine.jobs.get(request.match_info["job"])
+    job_id = request.match_info["job"]
+    job = c.job(job_id)
     if job is None:
         return fail(404, "unknown job")
     try:
@@ -145,22 +140,24 @@ async def get_job(request: web.Request) -> web.Response:
     except ValueError:
         return fail(400, "wait must be a number of seconds")
     if wait > 0:
-        await c.wait_finished(job.spec.id, wait)
-    elif job.state != "running":
+        await c.wait_finished(job_id, wait)
+    elif not job.running:
         await c.flush()  # a finished state is reported only once it is committed, so it survives a crash
-    return web.json_response(job.status())
+    job = c.job(job_id)
+    assert job is not None  # jobs are never forgotten while the process runs
+    return web.json_response(dict(job.status))
 
 
 async def get_outputs(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
-    job = c.engine.jobs.get(request.match_info["job"])
+    job = c.job(request.match_info["job"])
     if job is None:
         return fail(404, "unknown job")
-    if job.state == "running":
+    if job.running:
         return fail(409, "job is still running: poll GET /v1/jobs/{job} until state is done")
     if job.state == "failed":
         return fail(422, f"job failed: {job.error}")
-    arrays = await c.job_outputs(job.spec.id)
+    arrays = await c.job_outputs(job.id)
     if "application/json" in request.headers.get("Accept", ""):
         return web.json_response({n: {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tolist()}
                                   for n, a in arrays.items()})
@@ -168,8 +165,8 @@ async def get_outputs(request: web.Request) -> web.Response:
                         content_type=NPZ)
 
 
-def _live_lease(c: Coordinator, request: web.Request) -> Any:
-    lease = c.engine.leases.get(request.query.get("lease", ""))
+def _live_lease(c: Coordinator, request: web.Request) -> LeaseView:
+    lease = c.live_lease(request.query.get("lease", ""))
     if lease is None:
         raise web.HTTPForbidden(text=json.dumps({"error": "a live lease is required (?lease=...)"}),
                                 content_type="application/json")
@@ -180,9 +177,9 @@ async def get_blob(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     lease = _live_lease(c, request)
     digest = request.match_info["digest"]
-    if c.engine.tasks[lease.task].input_digest != digest:
+    if lease.input_digest != digest:
         return fail(403, "this lease does not cover that blob")
-    data = await c.store.get_blob(digest)
+    data = await c.blob(digest)
     if data is None:
         return fail(404, "unknown blob")
     return web.Response(body=data, content_type="application/msgpack")
@@ -199,7 +196,7 @@ async def put_blob(request: web.Request) -> web.Response:
         return fail(400, f"blob is not a msgpack tensor map: {exc}")
     if digest_tensors(tensors) != digest:
         return fail(400, "blob does not match its digest")
-    await c.store.put_blob(digest, data)
+    await c.put_blob(digest, data)
     return web.json_response({"blob": digest, "size": len(data)}, status=201)
 
 
@@ -215,14 +212,13 @@ def _paging(request: web.Request) -> tuple[int, int]:
 
 async def ledger_balances(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
-    await c.flush()
-    return web.json_response((await c.store.ledger_balances()).to_json())
+    return web.json_response((await c.ledger_balances()).to_json())
 
 
 async def ledger_node(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     node = request.match_info["node"]
-    entries = await c.store.ledger_history(node)
+    entries = await c.ledger_history(node)
     if not entries:
         return fail(404, f"no credits for node {node}")
     return web.json_response({"node": node, "owner": entries[0].credit.owner,
@@ -233,7 +229,7 @@ async def ledger_node(request: web.Request) -> web.Response:
 async def ledger_entries(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     after, limit = _paging(request)
-    entries = await c.store.ledger_entries(after, limit)
+    entries = await c.ledger_entries(after, limit)
     return web.json_response({"entries": [e.to_json() for e in entries],
                               "next": entries[-1].seq if len(entries) == limit else None})
 
@@ -241,7 +237,7 @@ async def ledger_entries(request: web.Request) -> web.Response:
 async def ledger_accepted(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     after, limit = _paging(request)
-    rows = await c.store.accepted(after, limit)
+    rows = await c.ledger_accepted(after, limit)
     return web.json_response({"accepted": rows, "next": rows[-1]["seq"] if len(rows) == limit else None})
 
 

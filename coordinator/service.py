@@ -12,13 +12,14 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiomqtt
 import numpy.typing as npt
 
+from ledger.entries import Balances, Entry
 from protocol.codec import open_envelope, seal
-from protocol.digests import node_id_from_public_key
+from protocol.digests import node_id_from_public_key, sha256_hex
 from protocol.errors import PeerError
 from protocol.messages import Assignment, Assignments, Release, Results, WorkRequest
 from protocol.signing import Identity
@@ -27,10 +28,14 @@ from protocol.topics import Topics, namespace_prefix
 
 from .engine import Engine
 from .jobs import JobOptions, plan_job
+from .model_probe import probe_model
+from .models import inspect_model
+from .queries import CoordinatorQueries, JobView, LeaseView, NodeView
 from .quorum import Vote
 from .records import JobFinished, JobRecord
 from .settings import CoordinatorSettings
-from .store import CoordinatorStore, open_store
+from .store import CoordinatorStore
+from .store_factory import open_store
 
 log = logging.getLogger("sparecycles.coordinator")
 T = TypeVar("T")
@@ -129,6 +134,53 @@ class Coordinator:
             if meta is not None:
                 self._model_meta[digest] = meta
         return meta
+
+    async def add_model(self, data: bytes) -> tuple[dict[str, Any], bool]:
+        """Check, probe and store a model; returns its metadata and whether it was new.
+        Raises `InvalidModel` with a reason the submitter can act on."""
+        digest = sha256_hex(data)
+        meta = await self.model_meta(digest)
+        if meta is not None:
+            return meta, False
+        meta = inspect_model(data)
+        await probe_model(data, memory_bytes=self.settings.model_probe_bytes, seconds=self.settings.model_probe_seconds)
+        await self.store.put_model(digest, data, meta)
+        return meta, True
+
+    async def model_bytes(self, digest: str) -> bytes | None:
+        return await self.store.get_model(digest)
+
+    # ---- blobs --------------------------------------------------------------------------------
+    async def blob(self, digest: str) -> bytes | None:
+        return await self.store.get_blob(digest)
+
+    async def put_blob(self, digest: str, data: bytes) -> None:
+        """Store a blob whose digest the caller has checked against its content."""
+        await self.store.put_blob(digest, data)
+
+    # ---- queries (coordinator.queries.CoordinatorQueries) -------------------------------------
+    def job(self, job_id: str) -> JobView | None:
+        return self.engine.job_view(job_id)
+
+    def live_lease(self, lease_id: str) -> LeaseView | None:
+        return self.engine.lease_view(lease_id)
+
+    def nodes(self) -> list[NodeView]:
+        return self.engine.node_views()
+
+    # ---- ledger reads -------------------------------------------------------------------------
+    async def ledger_balances(self) -> Balances:
+        await self.flush()  # credits of verdicts already reported must show
+        return await self.store.ledger_balances()
+
+    async def ledger_entries(self, after: int, limit: int) -> list[Entry]:
+        return await self.store.ledger_entries(after, limit)
+
+    async def ledger_history(self, node: str) -> list[Entry]:
+        return await self.store.ledger_history(node)
+
+    async def ledger_accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
+        return await self.store.accepted(after, limit)
 
     # ---- jobs ---------------------------------------------------------------------------------
     async def create_job(self, meta: Mapping[str, Any], inputs: Mapping[str, npt.NDArray[Any]],
@@ -371,3 +423,7 @@ def _chunks(items: list[Assignment], budget: int) -> list[list[Assignment]]:
         size += cost
     return out
 
+
+if TYPE_CHECKING:
+    def _answers_queries(c: Coordinator) -> CoordinatorQueries:
+        return c  # mypy checks that the coordinator keeps the query interface its adapters rely on

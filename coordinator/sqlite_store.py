@@ -18,20 +18,18 @@ from ledger import sqlite as ledger_sql
 from ledger.entries import Balances, Entry
 
 from .records import (
-    NEVER_RAN,
     BlobPut,
     JobFinished,
     JobRecord,
     LeaseClosed,
     LeaseIssued,
-    LeaseRecord,
     Op,
     ResultRecorded,
     TaskDecided,
     TaskRecord,
 )
-from .scheduler import JobState, TaskState
-from .store import CoordinatorStore, Snapshot, StoredVote, spec_from_json, spec_to_json
+from .restore import JobRow, LeaseRow, ResultRow, StoredRows, TaskRow
+from .store import CoordinatorStore, spec_from_json, spec_to_json
 
 T = TypeVar("T")
 
@@ -137,8 +135,8 @@ class SQLiteStore(CoordinatorStore):
         if ops:
             await self._tx(lambda c: _apply(c, ops))
 
-    async def load(self) -> Snapshot:
-        return await self._run(_load)
+    async def load_rows(self) -> StoredRows:
+        return await self._run(_load_rows)
 
     async def canonical_digests(self, job: str) -> list[str | None]:
         rows = await self._run(lambda c: c.execute(
@@ -215,44 +213,20 @@ def _apply(c: sqlite3.Connection, ops: Sequence[Op]) -> None:
     c.executemany("UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=?", finished)
 
 
-def _load(c: sqlite3.Connection) -> Snapshot:
-    snap = Snapshot()
-    running: list[str] = []
-    for job_id, spec_raw, state, error, finished_at in c.execute(
-            "SELECT id, spec, state, error, finished_at FROM jobs ORDER BY created_at"):
-        spec = spec_from_json(spec_raw)
-        task_ids = [r[0] for r in c.execute("SELECT id FROM tasks WHERE job=? ORDER BY idx", (job_id,))]
-        job = JobRecord(spec=spec, tasks=task_ids, state=JobState(state), error=error, finished_at=finished_at)
-        for tid, tstate, terr in c.execute(
-                "SELECT id, state, error FROM tasks WHERE job=? AND state != 'open' ORDER BY idx", (job_id,)):
-            if tstate == TaskState.VERIFIED:
-                job.verified += 1
-            else:
-                job.failed += 1
-                job.failures.append({"task": tid, "reason": terr})
-        snap.jobs.append(job)
-        if job.state is JobState.RUNNING:
-            running.append(job_id)
-    for job_id in running:
-        for tid, job, idx, start, stop, digest, nbytes in c.execute(
-                "SELECT id, job, idx, start, stop, input_digest, input_bytes FROM tasks "
-                "WHERE job=? AND state='open' ORDER BY idx", (job_id,)).fetchall():
-            rec = TaskRecord(id=tid, job=job, index=idx, start=start, stop=stop, input_digest=digest,
-                             input_bytes=nbytes)
-            for lid, node, owner, issued, expires, lstate in c.execute(
-                    "SELECT id, node, owner, issued_at, expires_at, state FROM leases WHERE task=?", (tid,)):
-                rec.nodes.add(node)
-                rec.owners.add(owner)
-                if lstate == "live":
-                    snap.live_leases.append(LeaseRecord(id=lid, task=tid, job=job, node=node, owner=owner,
-                                                        issued_at=issued, expires_at=expires, deadline=0.0))
-                elif lstate not in NEVER_RAN:
-                    rec.attempts += 1
-            rec.errors = c.execute("SELECT count(*) FROM results WHERE task=? AND problem IS NOT NULL",
-                                   (tid,)).fetchone()[0]
-            snap.tasks.append(rec)
-            for lease, node, owner, digest_out in c.execute(
-                    "SELECT lease, node, owner, output_digest FROM results WHERE task=? AND problem IS NULL "
-                    "ORDER BY seq", (tid,)):
-                snap.votes.append(StoredVote(tid, lease, node, owner, digest_out))
-    return snap
+# Leases and results matter only for the open tasks of running jobs: the rest is history.
+_OPEN_TASKS = "SELECT t.id FROM tasks t JOIN jobs j ON j.id = t.job WHERE t.state = 'open' AND j.state = 'running'"
+
+
+def _load_rows(c: sqlite3.Connection) -> StoredRows:
+    jobs = [JobRow(spec=spec_from_json(spec), state=state, error=error, finished_at=finished_at)
+            for spec, state, error, finished_at in c.execute(
+                "SELECT spec, state, error, finished_at FROM jobs ORDER BY created_at, rowid")]
+    tasks = [TaskRow(*row) for row in c.execute(
+        "SELECT id, job, idx, start, stop, input_digest, input_bytes, state, error FROM tasks")]
+    leases = [LeaseRow(*row) for row in c.execute(
+        "SELECT id, task, job, node, owner, issued_at, expires_at, state FROM leases "
+        f"WHERE task IN ({_OPEN_TASKS})")]
+    results = [ResultRow(*row) for row in c.execute(
+        "SELECT lease, task, node, owner, output_digest, problem FROM results "
+        f"WHERE task IN ({_OPEN_TASKS}) ORDER BY seq")]
+    return StoredRows(jobs=jobs, tasks=tasks, leases=leases, results=results)

@@ -7,7 +7,8 @@ Imports `protocol` at most; never `coordinator` or `node`. The cost model is imp
 
 from .entries import Balances, Credit, Entry, NodeBalance, OwnerBalance
 from .errors import CostModelError, InvalidEntry, LedgerError, StorageError, StoreClosed
-from .store import InMemoryLedgerStore, LedgerStore, open_ledger
+from .factory import open_ledger
+from .store import InMemoryLedgerStore, LedgerStore
 
 __all__ = [
     "Balances",

@@ -1,7 +1,8 @@
 """The ledger port: one ABC whose docstrings are the contract, and an in-memory twin beside it.
 
-Every backend runs the same suite in `tests/contract/test_ledger_store.py`. `open_ledger` picks a
-backend from one URL setting (after Flower's `linkstate_factory.py`).
+Every backend runs the same suite in `tests/contract/test_ledger_store.py`. `factory.open_ledger`
+picks a backend from one URL setting (after Flower's `linkstate_factory.py`); the factory imports
+the backends and they import this interface, so the arrows run one way.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from .entries import Balances, Credit, Entry, balances_of
-from .errors import LedgerError, StoreClosed
+from .errors import StoreClosed
 
 
 class LedgerStore(ABC):
@@ -110,33 +111,3 @@ class InMemoryLedgerStore(LedgerStore):
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed("the in-memory ledger store is closed")
-
-
-def open_ledger(url: str) -> LedgerStore:
-    """Open the ledger named by one setting.
-
-    - ``memory`` or ``:memory:``: an `InMemoryLedgerStore`;
-    - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` (SQLAlchemy's spelling:
-      the path is what follows the third slash); ``sqlite://`` or ``sqlite:///:memory:`` for a
-      private in-memory SQLite database.
-
-    Anything else raises `LedgerError`. The SQLite file is opened in the store's own thread; an
-    unusable path surfaces as `StorageError` on first use (`await SQLiteLedgerStore.open(path)`
-    reports it at once).
-    """
-    # Imported here: sqlite.py subclasses LedgerStore from this module.
-    from .sqlite import SQLiteLedgerStore
-
-    if url in ("memory", ":memory:"):
-        return InMemoryLedgerStore()
-    if url == "sqlite://":
-        return SQLiteLedgerStore(":memory:")
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        if not path:
-            raise LedgerError(f"ledger URL {url!r} names no file: write sqlite:////absolute/path.db")
-        return SQLiteLedgerStore(path)
-    raise LedgerError(
-        f"unsupported ledger URL {url!r}: use 'memory', 'sqlite:///relative.db' or "
-        "'sqlite:////absolute/path.db'"
-    )

@@ -19,7 +19,8 @@ from coordinator.records import (
     TaskDecided,
 )
 from coordinator.scheduler import JobState, TaskState
-from coordinator.store import CoordinatorStore, open_store
+from coordinator.store import CoordinatorStore
+from coordinator.store_factory import open_store
 from ledger.entries import Credit
 
 META = {"model": "a" * 64, "flops_per_row": 10,
@@ -99,6 +100,40 @@ async def test_load_returns_open_tasks_with_their_live_leases_and_votes(store: C
     assert open_task.nodes == {"n1", "n2"} and open_task.attempts == 1
     assert [lv.id for lv in snap.live_leases] == ["l2"]
     assert [(v.lease, v.output_digest) for v in snap.votes] == [("l1", "e" * 64)]
+
+
+async def test_a_restart_excludes_only_nodes_that_reported_or_still_hold_a_lease(store: CoordinatorStore) -> None:
+    # Attack: after a restart, a node whose lease once expired must not be shut out of the task for
+    # good: on a two-owner network that stalled the job. The restored exclusions must be the ones
+    # the running engine kept.
+    job, tasks, blobs = new_job()
+    jid, t0 = job.spec.id, tasks[0].id
+    await store.create_job(job, tasks, blobs)
+    await store.apply([
+        *(LeaseIssued(lease(f"l{i}", t0, jid, f"n{i}")) for i in range(1, 7)),
+        LeaseClosed("l1", "expired"), LeaseClosed("l2", "offline"), LeaseClosed("l3", "released"),
+        ResultRecorded("l4", t0, "n4", "owner-n4", "", "outputs contain NaN", 2.0), LeaseClosed("l4", "reported"),
+        ResultRecorded("l5", t0, "n5", "owner-n5", "d" * 64, None, 2.0), LeaseClosed("l5", "reported"),
+    ])
+    snap = await store.load()
+    task = next(t for t in snap.tasks if t.id == t0)
+    assert task.nodes == {"n4", "n5", "n6"}
+    assert task.owners == {"owner-n5", "owner-n6"}
+    assert task.attempts == 4 and task.errors == 1  # expired, offline, two reported; released is no try
+    assert [lv.id for lv in snap.live_leases] == ["l6"]
+    assert [v.lease for v in snap.votes] == ["l5"]
+
+
+async def test_a_lease_closes_once(store: CoordinatorStore) -> None:
+    # A late duplicate (a QoS-1 redelivery, a sweep racing a result) must not rewrite how a lease
+    # ended: a lease given back unrun stays "released" and never becomes a counted try.
+    job, tasks, blobs = new_job()
+    jid, t0 = job.spec.id, tasks[0].id
+    await store.create_job(job, tasks, blobs)
+    await store.apply([LeaseIssued(lease("l1", t0, jid, "n1")), LeaseClosed("l1", "released")])
+    await store.apply([LeaseClosed("l1", "expired")])
+    (task,) = [t for t in (await store.load()).tasks if t.id == t0]
+    assert task.attempts == 0 and task.nodes == set()
 
 
 async def test_finished_jobs_load_with_their_state_and_no_open_tasks(store: CoordinatorStore) -> None:

@@ -12,8 +12,9 @@ import pytest
 
 from ledger.entries import Balances, Credit, NodeBalance, OwnerBalance
 from ledger.errors import LedgerError, StorageError, StoreClosed
+from ledger.factory import open_ledger
 from ledger.sqlite import SQLiteLedgerStore, create_schema, insert_credits, read_entries, read_size
-from ledger.store import InMemoryLedgerStore, LedgerStore, open_ledger
+from ledger.store import InMemoryLedgerStore, LedgerStore
 
 DIGEST = "ab" * 32
 

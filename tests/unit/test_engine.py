@@ -185,3 +185,23 @@ def test_restored_votes_that_already_agree_are_decided_at_once() -> None:
     assert decided.state is TaskState.VERIFIED and {c.node for c in decided.credits} == {"n1", "n2"}
     assert engine.jobs[job.spec.id].state is JobState.DONE
     assert engine.on_work_request("n3", "o3", 1, 1, now=6, now_wall=6) == {}  # nothing left to issue
+
+
+def test_read_views_follow_jobs_leases_and_nodes_without_exposing_the_engine() -> None:
+    engine = make_engine(rows=2, task_size=2)
+    job_id = next(iter(engine.jobs))
+    assert engine.job_view("nope") is None and engine.lease_view("nope") is None
+    running = engine.job_view(job_id)
+    assert running is not None and running.running and running.status["tasks"]["open"] == 1
+    a = engine.on_work_request("n1", "o1", 3, 1, now=0, now_wall=0)["n1"][0]
+    engine.on_work_request("n2", "o2", 2, 1, now=0, now_wall=0)
+    lease = engine.lease_view(a.lease)
+    assert lease is not None and (lease.node, lease.input_digest, lease.job) == ("n1", a.input_digest, job_id)
+    assert [(n.node, n.owner, n.capacity, n.leases) for n in engine.node_views()] == [
+        ("n1", "o1", 3, 1), ("n2", "o2", 2, 1)]
+    engine.forget_waiting()  # the broker link dropped: n1 still holds its lease and is still listed
+    assert [(n.node, n.owner, n.capacity, n.leases) for n in engine.node_views()] == [
+        ("n1", "o1", 0, 1), ("n2", "o2", 0, 1)]
+    result, outputs = answer(a, honest(a))
+    engine.on_result("n1", result, outputs, None, now=1, now_wall=1)
+    assert engine.lease_view(a.lease) is None  # answered leases are no longer live
