@@ -20,13 +20,14 @@ from .settings import BrokerAddress
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
-def new_client(broker: BrokerAddress, node_id: str, topics: Topics) -> aiomqtt.Client:
+def new_client(broker: BrokerAddress, node_id: str, topics: Topics, *, will: bytes) -> aiomqtt.Client:
+    """`will` is the signed "offline" Status the broker publishes (retained) if this connection dies."""
     return aiomqtt.Client(
         broker.host, broker.port, identifier=node_id,
         # Mosquitto's ACL `pattern write sc/v1/+/%u` needs the username to be the node id.
         username=broker.username if broker.username is not None else node_id,
         password=broker.password,
-        will=aiomqtt.Will(topics.status(node_id), b"offline", qos=1, retain=True),
+        will=aiomqtt.Will(topics.status(node_id), will, qos=1, retain=True),
         # A persistent session: assignments published while we reconnect are queued by the
         # broker instead of lost (they would otherwise wait out their lease).
         clean_session=False,

@@ -27,8 +27,8 @@ from .logs import kv
 log = logging.getLogger(__name__)
 
 
-async def publish(client: aiomqtt.Client, topic: str, message: Message, identity: Identity) -> int:
-    payload = seal(message, identity)
+async def publish(client: aiomqtt.Client, topics: Topics, topic: str, message: Message, identity: Identity) -> int:
+    payload = seal(message, identity, namespace=topics.prefix)
     await client.publish(topic, payload, qos=1)
     return len(payload)
 
@@ -102,7 +102,7 @@ class Outbox:
         budget = self._max_message_bytes - batching.ENVELOPE_OVERHEAD
         for reason, leases in by_reason.items():
             for batch in batching.split_batches(leases, [len(x) + 2 for x in leases], budget=budget):
-                await publish(client, self._topics.work(self._node),
+                await publish(client, self._topics, self._topics.work(self._node),
                               Release(node=self._node, leases=tuple(batch), reason=reason), self._identity)
 
     async def _send_results(self, client: aiomqtt.Client, results: list[Result]) -> None:
@@ -116,7 +116,7 @@ class Outbox:
                                                  error="result too large for one message")
                 sizes[i] = batching.result_size_bound(results[i])
         for batch in batching.split_batches(results, sizes, budget=budget):
-            nbytes = await publish(client, self._topics.result(self._node),
+            nbytes = await publish(client, self._topics, self._topics.result(self._node),
                                    Results(node=self._node, runtime=self._runtime, items=tuple(batch)),
                                    self._identity)
             del results[:len(batch)]

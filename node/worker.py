@@ -19,9 +19,9 @@ from collections.abc import Callable
 import aiohttp
 import aiomqtt
 
-from protocol.codec import open_envelope
+from protocol.codec import open_envelope, seal
 from protocol.errors import PeerError
-from protocol.messages import Assignment, Assignments, WorkRequest
+from protocol.messages import Assignment, Assignments, Status, WorkRequest
 from protocol.signing import Identity
 
 from . import batching
@@ -105,6 +105,7 @@ class Node:
         # The coordinator may fill the capacity we last announced even if ours has shrunk since.
         self._announced = 0
         self._seq = time.time_ns() // 1_000_000  # increasing across restarts too, not just in-process
+        self._since = 0  # the current broker connection's start (wall ms): names its Status messages
         self._rng = random.Random()
         self._idle_mark = (0.0, 0)  # (since when, assignments then): to explain "why no work"
 
@@ -162,11 +163,15 @@ class Node:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.outbox.release(leases, reason)
 
+    def _status(self, state: str, since: int) -> bytes:
+        return seal(Status(node=self.id, state=state, since=since), self.identity, namespace=self.topics.prefix)
+
     async def _announce_offline(self) -> None:
         client = self.link.client
         if client is not None:
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.publish(self.topics.status(self.id), b"offline", qos=1, retain=True, timeout=5.0)
+                await client.publish(self.topics.status(self.id), self._status("offline", self._since), qos=1,
+                                     retain=True, timeout=5.0)
 
     # ---- connection -------------------------------------------------------------------------
 
@@ -175,10 +180,15 @@ class Node:
         broker = self.settings.broker
         while True:
             try:
-                async with new_client(broker, self.id, self.topics) as client:
+                # Each connection has its own `since`; its Will is signed now, for the broker to
+                # publish if this connection dies, and names this connection only.
+                self._since = max(self._since + 1, time.time_ns() // 1_000_000)
+                will = self._status("offline", self._since)
+                async with new_client(broker, self.id, self.topics, will=will) as client:
                     # subscribe before announcing: nothing sent to us after "online" is missed
                     await client.subscribe(self.topics.assign(self.id), qos=1)
-                    await client.publish(self.topics.status(self.id), b"online", qos=1, retain=True)
+                    await client.publish(self.topics.status(self.id), self._status("online", self._since), qos=1,
+                                         retain=True)
                     delay = self.settings.reconnect_min_seconds
                     self._force_request = True
                     self._changed.set()
@@ -210,7 +220,8 @@ class Node:
             self._drop("not_bytes")
             return
         try:
-            opened = open_envelope(bytes(payload), max_size=self.info.max_message_bytes, expect_kind="assign")
+            opened = open_envelope(bytes(payload), namespace=self.topics.prefix,
+                                   max_size=self.info.max_message_bytes, expect_kind="assign")
         except PeerError as exc:
             self._drop(exc.reason, size=len(payload), error=str(exc))
             return
@@ -287,7 +298,7 @@ class Node:
         request = WorkRequest(node=self.id, owner=self.settings.owner, slots=slots,
                               models=self.cache.digests(), runtime=self.runtime, seq=self._seq,
                               held=(*self.held, *(r.lease for r in self.outbox.results)))
-        await publish(client, self.topics.work(self.id), request, self.identity)
+        await publish(client, self.topics, self.topics.work(self.id), request, self.identity)
 
     async def _pull_loop(self) -> None:
         """The request states our capacity (slots + prefetch). The coordinator knows which leases

@@ -2,6 +2,9 @@
 
 `body` is the msgpack encoding of the message and is verified exactly as received; every decode
 has a size limit and strict map keys, so hostile msgpack is a `PeerError`, never a crash.
+
+The signature covers the deployment's namespace (its topic prefix) besides the kind and the body:
+a message captured on one deployment's topics does not verify when replayed into another's.
 """
 
 from __future__ import annotations
@@ -39,19 +42,25 @@ def _unpack(data: bytes, max_size: int) -> Any:
         raise MalformedMessage(f"undecodable msgpack: {exc}", size=len(data)) from exc
 
 
-def seal(message: Message, identity: Identity) -> bytes:
+def scoped_kind(namespace: str, kind: str) -> str:
+    """What the signature's domain tag names: `namespace NUL kind`. A namespace holds no NUL (topic
+    prefixes are checked), so no two (namespace, kind) pairs share a tag."""
+    return f"{namespace}\x00{kind}"
+
+
+def seal(message: Message, identity: Identity, *, namespace: str) -> bytes:
     body: bytes = msgpack.packb(message.to_wire(), use_bin_type=True)
     kind = message.KIND
     return bytes(msgpack.packb(
-        {"v": PROTOCOL_VERSION, "kind": kind, "body": body, "sig": identity.sign(kind, body),
+        {"v": PROTOCOL_VERSION, "kind": kind, "body": body, "sig": identity.sign(scoped_kind(namespace, kind), body),
          "pk": identity.public_key},
         use_bin_type=True,
     ))
 
 
-def open_envelope(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE,
+def open_envelope(data: bytes, *, namespace: str, max_size: int = DEFAULT_MAX_MESSAGE,
                   expect_kind: str | None = None) -> Opened:
-    """Decode and verify. Raises a `PeerError` subclass for anything a peer got wrong."""
+    """Decode and verify for `namespace`. Raises a `PeerError` subclass for anything a peer got wrong."""
     env = _unpack(data, max_size)
     if not isinstance(env, dict):
         raise MalformedMessage("envelope is not a map", size=len(data))
@@ -64,7 +73,7 @@ def open_envelope(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE,
     cls = MESSAGE_TYPES.get(kind)
     if cls is None or (expect_kind is not None and kind != expect_kind):
         raise MalformedMessage(f"unexpected message kind {kind!r}", size=len(data))
-    verify(pk, kind, body, sig)  # before decoding the body: unsigned bytes get no further
+    verify(pk, scoped_kind(namespace, kind), body, sig)  # before decoding the body: unsigned bytes get no further
     raw = _unpack(body, max_size)
     if not isinstance(raw, dict):
         raise MalformedMessage("message body is not a map", size=len(data))

@@ -214,7 +214,36 @@ class Release:
         return cls(node=_name(raw, "node"), leases=tuple(leases), reason=_get(raw, "reason", str)[:500])
 
 
-Message = WorkRequest | Assignments | Results | Release
-MESSAGE_TYPES: dict[str, type[WorkRequest] | type[Assignments] | type[Results] | type[Release]] = {
-    cls.KIND: cls for cls in (WorkRequest, Assignments, Results, Release)
+NODE_STATES = ("online", "offline")
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A node's presence on `status/{node}` (retained). `since` (wall ms) names the connection it
+    belongs to: the node signs its "offline" Will for that connection when it connects, so the
+    broker can publish it when the node dies, and the coordinator acts on an "offline" only for
+    the connection it last saw come online - a replayed old Will, or a forged one, changes nothing."""
+
+    KIND: ClassVar[str] = "status"
+    node: str
+    state: str
+    since: int
+
+    def __post_init__(self) -> None:
+        if self.state not in NODE_STATES:
+            raise MalformedMessage(f"status state {self.state!r} is not one of {NODE_STATES}")
+        if self.since < 0:
+            raise MalformedMessage("status since must not be negative")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"node": self.node, "state": self.state, "since": self.since}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> Status:
+        return cls(node=_name(raw, "node"), state=_get(raw, "state", str), since=_get(raw, "since", int))
+
+
+Message = WorkRequest | Assignments | Results | Release | Status
+MESSAGE_TYPES: dict[str, type[WorkRequest] | type[Assignments] | type[Results] | type[Release] | type[Status]] = {
+    cls.KIND: cls for cls in (WorkRequest, Assignments, Results, Release, Status)
 }

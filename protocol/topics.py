@@ -17,8 +17,9 @@ class Topics:
     prefix: str
 
     def __post_init__(self) -> None:
-        if not self.prefix or any(c in self.prefix for c in "+#") or self.prefix.endswith("/"):
-            raise ValueError(f"invalid topic prefix {self.prefix!r}")
+        if not self.prefix or any(c in self.prefix for c in "+#\x00") or self.prefix.endswith("/") \
+                or not self.prefix.isascii():
+            raise ValueError(f"invalid topic prefix {self.prefix!r}: ASCII, no '+', '#' or trailing '/'")
 
     def work(self, node: str) -> str:
         return f"{self.prefix}/work/{node}"

@@ -179,13 +179,13 @@ def test_hostile_mqtt_messages_are_rejected_counted_and_the_coordinator_keeps_wo
             await client.publish(f"{prefix}/result/{mallory.id}", b"\x00garbage", qos=1)
             await client.publish(f"{prefix}/result/{mallory.id}", b"\xc1" * 100, qos=1)
             # mallory signs a result and posts it on the victim's topic
-            await client.publish(f"{prefix}/result/{victim.id}", seal(forged_result, mallory), qos=1)
+            await client.publish(f"{prefix}/result/{victim.id}", seal(forged_result, mallory, namespace=prefix), qos=1)
             # a well-signed result for a lease nobody holds (a replay, or a guess)
-            await client.publish(f"{prefix}/result/{victim.id}", seal(forged_result, victim), qos=1)
+            await client.publish(f"{prefix}/result/{victim.id}", seal(forged_result, victim, namespace=prefix), qos=1)
             await client.publish(f"{prefix}/work/{mallory.id}", msgpack.packb({"v": 1, "kind": "work"}), qos=1)
             await client.publish(f"{prefix}/result/{mallory.id}", b"\x00" * (9 * 2**20), qos=1)  # over 8 MiB
-            await client.publish(f"{prefix}/work/{mallory.id}",
-                                 seal(WorkRequest(node=mallory.id, owner="m", slots=1), mallory) + b"x", qos=1)
+            request = seal(WorkRequest(node=mallory.id, owner="m", slots=1), mallory, namespace=prefix)
+            await client.publish(f"{prefix}/work/{mallory.id}", request + b"x", qos=1)
         await asyncio.sleep(1.0)
         return await health(network)
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.codec import open_envelope, seal
+from protocol import codec
 from protocol.digests import node_id_from_public_key
 from protocol.errors import (
     BadSignature,
@@ -22,7 +22,7 @@ from protocol.errors import (
     PeerError,
     UnsupportedVersion,
 )
-from protocol.messages import Assignment, Assignments, Release, Result, Results, WorkRequest
+from protocol.messages import Assignment, Assignments, Release, Result, Results, Status, WorkRequest
 from protocol.npz import from_npz, to_npz
 from protocol.signing import Identity
 from protocol.tensors import Tensor, concat_rows, digest_tensors, tensors_from_arrays
@@ -30,6 +30,15 @@ from protocol.topics import Topics
 
 NODE = Identity.generate()
 OTHER = Identity.generate()
+NS = "sc/v1/test"
+
+
+def seal(message: codec.Message, identity: Identity) -> bytes:
+    return codec.seal(message, identity, namespace=NS)
+
+
+def open_envelope(data: bytes, **kwargs: object) -> codec.Opened:
+    return codec.open_envelope(data, namespace=NS, **kwargs)  # type: ignore[arg-type]
 
 
 def work(seq: int = 1) -> WorkRequest:
@@ -100,7 +109,8 @@ def test_fields_of_the_wrong_type_are_malformed() -> None:
     raw = work().to_wire()
     raw["slots"] = True  # a bool is not a count
     body = msgpack.packb(raw)
-    env = {"v": 1, "kind": "work", "body": body, "sig": NODE.sign("work", body), "pk": NODE.public_key}
+    env = {"v": 1, "kind": "work", "body": body, "sig": NODE.sign(codec.scoped_kind(NS, "work"), body),
+           "pk": NODE.public_key}
     with pytest.raises(MalformedMessage):
         open_envelope(msgpack.packb(env))
 
@@ -174,3 +184,29 @@ def test_npz_keeps_names_with_dots_and_refuses_garbage() -> None:
         from_npz(b"not a zip")
     with pytest.raises(OversizedMessage):
         from_npz(to_npz(arrays), max_bytes=10)
+
+
+def test_a_message_replayed_into_another_namespace_does_not_verify() -> None:
+    # Attack: capture a node's signed result (or a coordinator's assignment) on one deployment's
+    # topics and publish it on another deployment sharing the broker.
+    data = codec.seal(results(), NODE, namespace="sc/v1/deployment-a")
+    assert codec.open_envelope(data, namespace="sc/v1/deployment-a").message == results()
+    with pytest.raises(BadSignature):
+        codec.open_envelope(data, namespace="sc/v1/deployment-b")
+
+
+def test_a_status_round_trips_and_rejects_unknown_states() -> None:
+    status = Status(node=NODE.id, state="offline", since=1_700_000_000_000)
+    assert open_envelope(seal(status, NODE)).message == status
+    with pytest.raises(MalformedMessage):
+        Status(node=NODE.id, state="gone", since=1)
+    env = msgpack.unpackb(seal(status, NODE))
+    env["body"] = msgpack.packb({"node": NODE.id, "state": "offline", "since": True})
+    with pytest.raises(PeerError):  # a bool is no timestamp; and the body no longer matches its signature
+        open_envelope(msgpack.packb(env))
+
+
+def test_topic_prefixes_must_be_ascii_without_nul() -> None:
+    for bad in ("sc/v1/\x00x", "sc/v1/é", "sc/#", "sc/"):
+        with pytest.raises(ValueError):
+            Topics(bad)
