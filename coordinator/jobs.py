@@ -29,6 +29,8 @@ class JobOptions:
     max_results: int | None
     final: str
     opt_level: int = 99
+    submitter: str = ""
+    read_token_sha256: str = ""
 
 
 def check_inputs(meta: Mapping[str, Any], inputs: Mapping[str, npt.NDArray[Any]]) -> int:
@@ -78,7 +80,8 @@ def plan_job(meta: Mapping[str, Any], inputs: Mapping[str, npt.NDArray[Any]], op
     spec = JobSpec(id=job_id, model=meta["model"], rows=rows, replicas=options.replicas, task_size=task_size,
                    max_results=max_results, tolerance=Tolerance(final=options.final),  # type: ignore[arg-type]
                    opt_level=options.opt_level, output_names=tuple(o["name"] for o in meta["outputs"]),
-                   flops_per_row=flops, created_at=now_wall)
+                   flops_per_row=flops, created_at=now_wall, submitter=options.submitter,
+                   read_token_sha256=options.read_token_sha256)
     contiguous = {n: np.ascontiguousarray(a) for n, a in inputs.items()}
     tasks, blobs = [], {}
     for r in ranges:

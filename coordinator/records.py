@@ -28,6 +28,10 @@ class JobSpec:
     # Invalid results (errors, NaN, wrong shapes) a task may collect before it fails: BOINC's
     # max_error_results. Without it, a task every node fails would wait forever for a new node.
     max_errors: int = 3
+    # The account (by name) that submitted the job: it alone reads the job, and pays for it.
+    submitter: str = ""
+    # sha256 hex of the job's read token: whoever holds the token may read status and outputs.
+    read_token_sha256: str = ""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -21,7 +21,7 @@ from ledger.entries import Balances, Entry
 from protocol.codec import open_envelope, seal
 from protocol.digests import node_id_from_public_key, sha256_hex
 from protocol.errors import PeerError
-from protocol.messages import Assignment, Assignments, Release, Results, WorkRequest
+from protocol.messages import Assignment, Assignments, Release, Results, Status, WorkRequest
 from protocol.signing import Identity
 from protocol.tensors import Tensor, concat_rows, decode_tensor_map, digest_tensors
 from protocol.topics import Topics, namespace_prefix
@@ -72,6 +72,7 @@ class Coordinator:
         self._finished: dict[str, asyncio.Event] = {}
         self._outgoing: dict[str, list[Assignment]] = {}
         self._model_meta: dict[str, dict[str, Any]] = {}  # models are immutable: their metadata too
+        self._node_since: dict[str, int] = {}  # node -> the connection (Status.since) it last announced
 
     def _key_path(self) -> str | None:
         if self.settings.key_path:
@@ -304,11 +305,10 @@ class Coordinator:
             return
         try:
             kind, node = self.topics.parse(topic)
-            if kind == "status":
-                if bytes(payload) == b"offline":
-                    await self._send(self.engine.on_node_offline(node, now=time.monotonic(), now_wall=time.time()))
-                return
-            opened = open_envelope(bytes(payload), max_size=self.settings.max_message_bytes)
+            if kind == "status" and not payload:
+                return  # a cleared retained status
+            opened = open_envelope(bytes(payload), namespace=self.topics.prefix,
+                                   max_size=self.settings.max_message_bytes)
             signer = node_id_from_public_key(opened.public_key)
             msg = opened.message
             if signer != node or getattr(msg, "node", None) != node:
@@ -317,7 +317,9 @@ class Coordinator:
                             topic, signer)
                 return
             now, wall = time.monotonic(), time.time()
-            if kind == "work" and isinstance(msg, WorkRequest):
+            if kind == "status" and isinstance(msg, Status):
+                await self._on_status(msg, now=now, wall=wall)
+            elif kind == "work" and isinstance(msg, WorkRequest):
                 await self._send(self.engine.on_work_request(node, msg.owner, msg.slots, msg.seq, now=now,
                                                              now_wall=wall, held=msg.held))
             elif kind == "work" and isinstance(msg, Release):
@@ -337,6 +339,18 @@ class Coordinator:
             log.exception("internal error handling message topic=%s size=%d", topic, len(payload))
         finally:
             self._mark_dirty()
+
+    async def _on_status(self, msg: Status, *, now: float, wall: float) -> None:
+        """Act on a node's signed presence. An "offline" counts only for the connection the node
+        last announced (or, before any announcement since our start, for the newest seen): an old
+        Will replayed by anyone on an open broker revokes nothing."""
+        current = self._node_since.get(msg.node, -1)
+        if msg.since < current or (msg.state == "offline" and msg.since != current and current != -1):
+            self.counters["rejected_stale_status"] += 1
+            return
+        self._node_since[msg.node] = msg.since
+        if msg.state == "offline":
+            await self._send(self.engine.on_node_offline(msg.node, now=now, now_wall=wall))
 
     async def _on_results(self, node: str, msg: Results) -> None:
         for result in msg.items:
@@ -382,7 +396,8 @@ class Coordinator:
                 unsent = items
             else:
                 for chunk in _chunks(items, self.settings.max_message_bytes // 2):
-                    payload = seal(Assignments(node=node, items=tuple(chunk)), self.identity)
+                    payload = seal(Assignments(node=node, items=tuple(chunk)), self.identity,
+                                   namespace=self.topics.prefix)
                     try:
                         await client.publish(self.topics.assign(node), payload, qos=1)
                     except aiomqtt.MqttError as exc:
