@@ -49,6 +49,20 @@ class BadTensor(PeerError):
     reason = "bad_tensor"
 
 
+class BadCertificate(PeerError):
+    """A node certificate that is undecodable, forged, expired, not yet valid or for another key.
+    The message is a short human reason ("certificate expired at 2026-01-02T03:04:05Z")."""
+
+    reason = "bad_certificate"
+
+
+class AuthError(PeerError):
+    """A signed HTTP request that does not authenticate: missing or malformed header, a clock too
+    far off, a signature that does not verify. The message is one line, fit for a 401 body."""
+
+    reason = "auth_failed"
+
+
 class LocalError(ProtocolError):
     """We built something the protocol forbids: a bug on this side."""
 

@@ -17,13 +17,17 @@ core packages (`protocol`, `ledger`, `coordinator`, `node`) import nothing from 
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import (
+    AuthenticationFailed,
     BadNpz,
     CoordinatorUnavailable,
+    InsufficientCredit,
     JobFailed,
+    RateLimited,
     RequestRejected,
     SparecyclesError,
     WaitTimeout,
 )
+from .identity import config_dir, load_or_create_key
 from .npz import from_npz, to_npz
 from .progress import ProgressReporter
 from .sdk import Client
@@ -34,15 +38,20 @@ except PackageNotFoundError:  # a checkout on PYTHONPATH that was never installe
     __version__ = "0+unknown"
 
 __all__ = [
+    "AuthenticationFailed",
     "BadNpz",
     "Client",
     "CoordinatorUnavailable",
+    "InsufficientCredit",
     "JobFailed",
     "ProgressReporter",
+    "RateLimited",
     "RequestRejected",
     "SparecyclesError",
     "WaitTimeout",
     "__version__",
+    "config_dir",
     "from_npz",
+    "load_or_create_key",
     "to_npz",
 ]

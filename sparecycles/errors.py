@@ -44,6 +44,36 @@ class RequestRejected(SparecyclesError):
         return self.status in (502, 503, 504)
 
 
+class AuthenticationFailed(RequestRejected):
+    """401 or 403: the request was unsigned, its signature or clock was off, or this account may not
+    do it (`message` says which)."""
+
+
+class InsufficientCredit(RequestRejected):
+    """402: the account's credit does not cover the job."""
+
+
+class RateLimited(RequestRejected):
+    """429: too many requests; `retry_after` is the coordinator's Retry-After in seconds, if it sent one."""
+
+    def __init__(self, status: int, message: str, *, method: str = "", path: str = "",
+                 retry_after: float | None = None) -> None:
+        super().__init__(status, message, method=method, path=path)
+        self.retry_after = retry_after
+
+
+def rejection(status: int, message: str, *, method: str = "", path: str = "",
+              retry_after: float | None = None) -> RequestRejected:
+    """The `RequestRejected` subclass that fits `status`."""
+    if status in (401, 403):
+        return AuthenticationFailed(status, message, method=method, path=path)
+    if status == 402:
+        return InsufficientCredit(status, message, method=method, path=path)
+    if status == 429:
+        return RateLimited(status, message, method=method, path=path, retry_after=retry_after)
+    return RequestRejected(status, message, method=method, path=path)
+
+
 class JobFailed(SparecyclesError):
     """The job ended in state "failed"; `status` is the coordinator's full job status."""
 

@@ -1,31 +1,48 @@
 """Async SDK over the coordinator's HTTP API (docs/http-api.md).
 
-    async with Client("http://127.0.0.1:8080") as c:
+    async with Client("http://127.0.0.1:8080", identity=load_or_create_key()) as c:
         model = await c.ensure_model(onnx_bytes)
         job = await c.submit(model, {"x": rows})
         await c.wait(job["job"], on_progress=print)
         outputs = await c.outputs(job["job"])
+
+With an identity, every request carries `Authorization: Sparecycles-Ed25519 ...`
+(protocol/httpauth.py) signed for the coordinator's id, which is fetched once from /v1/info.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import io
 import json
+import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import numpy as np
 import numpy.typing as npt
+from yarl import URL
 
 from protocol.digests import sha256_hex
+from protocol.httpauth import sign_request
+from protocol.signing import Identity
 from protocol.tensors import ALLOWED_DTYPES
 
-from .errors import CoordinatorUnavailable, JobFailed, RequestRejected, SparecyclesError, WaitTimeout
+from .errors import (
+    CoordinatorUnavailable,
+    JobFailed,
+    RateLimited,
+    RequestRejected,
+    SparecyclesError,
+    WaitTimeout,
+    rejection,
+)
 from .npz import from_npz, to_npz
 
 NPZ = "application/x-npz"
@@ -33,12 +50,16 @@ PAGE_LIMIT = 1000
 CONNECT_TIMEOUT = 10.0
 # While waiting, polls back off from `poll` to this ceiling when the coordinator does not answer.
 MAX_RETRY_DELAY = 5.0
+JOB_TOKEN_HEADER = "X-Sparecycles-Job-Token"
+# Hashing a body to sign it runs at ~1 GB/s: above this size it goes to a thread, off the loop.
+HASH_IN_THREAD = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class _Answer:
     status: int
     body: bytes
+    retry_after: float | None = None
 
 
 def _normalise_base_url(base_url: str) -> str:
@@ -49,10 +70,19 @@ def _normalise_base_url(base_url: str) -> str:
 
 
 class Client:
-    """One aiohttp session to one coordinator; use as `async with Client(url) as c:`."""
+    """One aiohttp session to one coordinator; use as `async with Client(url) as c:`.
 
-    def __init__(self, base_url: str, *, timeout: float = 300.0) -> None:
+    With `identity` (an account's or a node's key, see `sparecycles.identity.load_or_create_key`)
+    every request is signed for `audience`, the coordinator's id; when that is not given it is
+    read once from /v1/info (a man in the middle who answers with another id only gets requests
+    signed for that id, which the real coordinator refuses)."""
+
+    def __init__(self, base_url: str, *, identity: Identity | None = None, audience: str | None = None,
+                 timeout: float = 300.0) -> None:
         self.base_url = _normalise_base_url(base_url)
+        self.identity = identity
+        self._audience = audience
+        self._audience_lock = asyncio.Lock()
         self.timeout = timeout
         # How long `wait` keeps retrying an unreachable coordinator (a restart) before giving up.
         self.unavailable_grace = 60.0
@@ -91,23 +121,57 @@ class Client:
         params: Mapping[str, str | int | float | None] | None = None,
         data: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        sign: bool = True,
     ) -> _Answer:
         """One request; connection trouble becomes `CoordinatorUnavailable`, statuses are not checked."""
         session = self._ensure_session()
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
+        # The URL is built and encoded here and sent as is (encoded=True), so the path and query
+        # that are signed are byte for byte the ones on the request line.
+        url = URL(self.base_url + path + ("?" + urlencode(query, quote_via=quote) if query else ""),
+                  encoded=True)
+        all_headers = dict(headers or {})
+        if sign and self.identity is not None:
+            all_headers["Authorization"] = await self._authorization(method, url.raw_path_qs, data or b"")
         try:
             async with session.request(
-                method, self.base_url + path, params=query,
+                method, url,
                 # a stream, not raw bytes: aiohttp would copy a large body on the event loop
-                data=None if data is None else io.BytesIO(data), headers=dict(headers or {})
+                data=None if data is None else io.BytesIO(data), headers=all_headers
             ) as resp:
-                return _Answer(resp.status, await resp.read())
+                return _Answer(resp.status, await resp.read(), _retry_after(resp.headers.get("Retry-After")))
         except aiohttp.ClientConnectionError as exc:
             # ClientConnectorError is an OSError: its strerror is the short "Connect call failed (...)"
             cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise CoordinatorUnavailable(self.base_url, cause) from exc
         except TimeoutError as exc:
             raise CoordinatorUnavailable(self.base_url, f"no answer within {self.timeout:g} s") from exc
+
+    async def _authorization(self, method: str, path_qs: str, body: bytes) -> str:
+        assert self.identity is not None
+        identity, audience = self.identity, await self.audience()
+
+        def sign() -> str:
+            return sign_request(identity, method=method, path_qs=path_qs, body=body, audience=audience,
+                                now=time.time())
+
+        return await asyncio.to_thread(sign) if len(body) > HASH_IN_THREAD else sign()
+
+    async def audience(self) -> str:
+        """The coordinator id requests are signed for: given to the constructor, or read once
+        from /v1/info."""
+        async with self._audience_lock:
+            if self._audience is None:
+                coordinator = (await self.info()).get("coordinator")
+                if not isinstance(coordinator, str) or not coordinator:
+                    raise SparecyclesError("/v1/info has no coordinator id to sign requests for")
+                self._audience = coordinator
+            return self._audience
+
+    def _require_identity(self, what: str) -> Identity:
+        if self.identity is None:
+            raise SparecyclesError(f"{what} needs an account key: Client(url, identity=load_or_create_key())")
+        return self.identity
 
     async def _call(
         self,
@@ -117,10 +181,12 @@ class Client:
         params: Mapping[str, str | int | float | None] | None = None,
         data: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        sign: bool = True,
     ) -> bytes:
-        answer = await self._send(method, path, params=params, data=data, headers=headers)
+        answer = await self._send(method, path, params=params, data=data, headers=headers, sign=sign)
         if answer.status >= 400:
-            raise RequestRejected(answer.status, _error_message(answer), method=method, path=path)
+            raise rejection(answer.status, _error_message(answer), method=method, path=path,
+                            retry_after=answer.retry_after)
         return answer.body
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -133,7 +199,53 @@ class Client:
     # -- models and jobs ---------------------------------------------------------------------------
 
     async def info(self) -> dict[str, Any]:
-        return _as_dict(await self._json("GET", "/v1/info"), "/v1/info")
+        # public, and what a signing client reads its audience from: never signed
+        return _as_dict(await self._json("GET", "/v1/info", sign=False), "/v1/info")
+
+    # -- accounts ----------------------------------------------------------------------------------
+
+    async def register(self, name: str, *, invite: str | None = None) -> dict[str, Any]:
+        """Bind `name` to this client's key as a new account (the signed request proves the key)."""
+        self._require_identity("register")
+        body = json.dumps({"name": name, "invite": invite}).encode()
+        answer = await self._json("POST", "/v1/accounts", data=body, headers={"Content-Type": "application/json"})
+        return _as_dict(answer, "/v1/accounts")
+
+    async def me(self) -> dict[str, Any]:
+        """The account this client's key belongs to, as the coordinator sees it."""
+        self._require_identity("me")
+        return _as_dict(await self._json("GET", "/v1/accounts/me"), "/v1/accounts/me")
+
+    # -- operator (an account with "operator": the coordinator refuses others with 403) -------------
+
+    async def _post_json(self, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        answer = await self._json("POST", path, data=json.dumps(payload).encode(),
+                                  headers={"Content-Type": "application/json"})
+        return _as_dict(answer, path)
+
+    async def admin_accounts(self) -> dict[str, Any]:
+        self._require_identity("admin_accounts")
+        return _as_dict(await self._json("GET", "/v1/admin/accounts"), "/v1/admin/accounts")
+
+    async def admin_add(self, name: str, public_key: str, *, operator: bool = False) -> dict[str, Any]:
+        """Create an account for `public_key` (64 hex) without an invite."""
+        self._require_identity("admin_add")
+        return await self._post_json("/v1/admin/accounts",
+                                     {"name": name, "public_key": public_key, "operator": operator})
+
+    async def admin_block(self, name: str, *, blocked: bool = True) -> dict[str, Any]:
+        self._require_identity("admin_block")
+        action = "block" if blocked else "unblock"
+        return await self._post_json(f"/v1/admin/accounts/{quote(name, safe='')}/{action}", {})
+
+    async def admin_grant(self, name: str, amount: int, *, memo: str | None = None) -> dict[str, Any]:
+        self._require_identity("admin_grant")
+        return await self._post_json(f"/v1/admin/accounts/{quote(name, safe='')}/grant",
+                                     {"amount": amount, "memo": memo})
+
+    async def admin_invite(self) -> dict[str, Any]:
+        self._require_identity("admin_invite")
+        return await self._post_json("/v1/admin/invites", {})
 
     async def has_model(self, digest: str) -> bool:
         path = f"/v1/models/{quote(digest, safe='')}"
@@ -141,7 +253,8 @@ class Client:
         if answer.status == 404:
             return False
         if answer.status >= 400:
-            raise RequestRejected(answer.status, _error_message(answer), method="HEAD", path=path)
+            raise rejection(answer.status, _error_message(answer), method="HEAD", path=path,
+                            retry_after=answer.retry_after)
         return True
 
     async def ensure_model(self, model: bytes) -> str:
@@ -168,7 +281,8 @@ class Client:
         task_size: int | None = None,
         final: str | None = None,
     ) -> dict[str, Any]:
-        """POST the inputs as NPZ; returns `{"job", "rows", "tasks"}`."""
+        """POST the inputs as NPZ; returns `{"job", "rows", "tasks"}` and, from a coordinator with
+        accounts, `"read_token"`: pass it as `read_token=` to `status`, `wait` and `outputs`."""
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
         for name, arr in arrays.items():
             # the coordinator would refuse these too, but only after the whole upload
@@ -181,12 +295,12 @@ class Client:
                                   headers={"Content-Type": NPZ})
         return _as_dict(answer, "/v1/jobs")
 
-    async def status(self, job: str, *, wait: float = 0.0) -> dict[str, Any]:
+    async def status(self, job: str, *, wait: float = 0.0, read_token: str | None = None) -> dict[str, Any]:
         """The job's status; with `wait`, the coordinator holds the answer up to `wait` seconds
         until the job finishes (a long poll: the result arrives without a polling delay)."""
         path = f"/v1/jobs/{quote(job, safe='')}"
         params = {"wait": f"{wait:g}"} if wait > 0 else None
-        return _as_dict(await self._json("GET", path, params=params), path)
+        return _as_dict(await self._json("GET", path, params=params, headers=_token(read_token)), path)
 
     async def wait(
         self,
@@ -195,12 +309,14 @@ class Client:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         poll: float = 0.2,
         timeout: float | None = None,  # noqa: ASYNC109 - part of the SDK's contract; one deadline, not per call
+        read_token: str | None = None,
     ) -> dict[str, Any]:
         """Poll until the job is done (returns its status) or failed (raises `JobFailed`).
 
         `on_progress` sees each status that differs from the last one reported. An unreachable
         coordinator (a restart) is retried with backoff for `unavailable_grace` seconds, then
-        `CoordinatorUnavailable` is raised; after `timeout` seconds, `WaitTimeout`.
+        `CoordinatorUnavailable` is raised; after `timeout` seconds, `WaitTimeout`. A 429 waits
+        the coordinator's Retry-After and polls on.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -212,12 +328,16 @@ class Client:
             asked = loop.time()
             try:
                 if deadline is None:
-                    st = await self.status(job, wait=poll)
+                    st = await self.status(job, wait=poll, read_token=read_token)
                 else:
                     async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
-                        st = await self.status(job, wait=min(poll, max(deadline - loop.time(), 0.0)))
+                        st = await self.status(job, wait=min(poll, max(deadline - loop.time(), 0.0)),
+                                               read_token=read_token)
             except TimeoutError as exc:
                 raise WaitTimeout(job, timeout or 0.0, last) from exc
+            except RateLimited as exc:
+                # the coordinator is up and says when to come back: not an outage, no grace used up
+                delay = max(poll, exc.retry_after if exc.retry_after is not None else retry_delay)
             except (CoordinatorUnavailable, RequestRejected) as exc:
                 if isinstance(exc, RequestRejected) and not exc.transient:
                     raise
@@ -247,9 +367,10 @@ class Client:
                 delay = min(delay, remaining)
             await asyncio.sleep(delay)
 
-    async def outputs(self, job: str) -> dict[str, npt.NDArray[Any]]:
+    async def outputs(self, job: str, *, read_token: str | None = None) -> dict[str, npt.NDArray[Any]]:
         """The finished job's outputs, one array per ONNX output name, rows in input order."""
-        body = await self._call("GET", f"/v1/jobs/{quote(job, safe='')}/outputs", headers={"Accept": NPZ})
+        body = await self._call("GET", f"/v1/jobs/{quote(job, safe='')}/outputs",
+                                headers={"Accept": NPZ, **_token(read_token)})
         return from_npz(body)
 
     # -- ledger ------------------------------------------------------------------------------------
@@ -285,6 +406,25 @@ class Client:
                 # a cursor that does not move would loop forever
                 raise SparecyclesError(f"{path}: paging cursor did not advance past {after!r}")
             after = nxt
+
+
+def _token(read_token: str | None) -> dict[str, str]:
+    return {} if read_token is None else {JOB_TOKEN_HEADER: read_token}
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _as_dict(value: Any, path: str) -> dict[str, Any]:

@@ -74,6 +74,9 @@ class FakeCoordinator:
             return response
 
         app = web.Application(middlewares=[record])
+        # A client with a key reads the coordinator's id (what it signs for) and its own account.
+        app.router.add_get("/v1/info", lambda _: web.json_response({"coordinator": "fake-coordinator"}))
+        app.router.add_get("/v1/accounts/me", lambda _: web.json_response({"name": "tester", "balance": 10**9}))
         app.router.add_head("/v1/models/{digest}", self.head_model)
         app.router.add_put("/v1/models", self.put_model)
         app.router.add_post("/v1/jobs", self.post_job)
