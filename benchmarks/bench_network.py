@@ -27,6 +27,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from protocol.signing import Identity  # noqa: E402
+from sparecycles.cli.accounts import ensure_account  # noqa: E402
 from sparecycles.cli.processes import ProcessGroup, free_port  # noqa: E402
 from sparecycles.sdk import Client  # noqa: E402
 from tests.models import classifier, deep_mlp  # noqa: E402
@@ -110,7 +112,9 @@ def local_rows_per_second(model: bytes, x: np.ndarray, task_size: int) -> float:
 async def bench(url: str, broker_port: int, args: argparse.Namespace) -> None:
     model_bytes = classifier(features=8, classes=4)
     rng = np.random.default_rng(0)
-    async with Client(url) as c:
+    # Every request is signed by a registered submitter, as on any coordinator since accounts.
+    async with Client(url, identity=Identity.generate()) as c:
+        await ensure_account(c, "bench")
         model = await c.ensure_model(model_bytes)
         await timed_job(c, model, rng.standard_normal((64, 8)).astype(np.float32), 8)  # warm up caches
 

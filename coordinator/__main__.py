@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
+import aiomqtt
 from aiohttp import web
 
 from .app import make_app
+from .broker_acl import BrokerAclError, parse_admin
 from .http_api import COORDINATOR
 from .settings import CoordinatorSettings, parse_hostport
 
@@ -28,6 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-seconds", type=float, default=d.lease_seconds)
     p.add_argument("--max-inline-kb", type=int, default=d.max_inline_bytes // 1024)
     p.add_argument("--max-body-mb", type=int, default=d.max_body_bytes // 2**20)
+    p.add_argument("--registration", choices=["open", "invite", "closed"], default=d.registration,
+                   help="who may create accounts: anyone (rate-limited per address), holders of an operator's "
+                        "invite, or nobody but the operator (default %(default)s)")
+    p.add_argument("--starting-grant", type=int, default=None, metavar="CREDITS",
+                   help="credit granted to each new account (default: 10**12 when open, else 0)")
+    p.add_argument("--min-replicas", type=int, default=None, metavar="K",
+                   help="lowest replicas a submitter may ask for (default: 2, or 1 if --replicas is 1)")
+    p.add_argument("--operator", action="append", default=[], metavar="PUBKEY",
+                   help="a public key (64 hex) allowed to manage accounts, besides the coordinator's own key "
+                        "(repeatable)")
+    p.add_argument("--broker-admin", default=os.environ.get("SPARECYCLES_BROKER_ADMIN"), metavar="USER:PASSWORD",
+                   help="the broker's dynamic-security admin: per-node broker logins and ACLs "
+                        "(default: $SPARECYCLES_BROKER_ADMIN; unset: topics are not access-controlled)")
+    p.add_argument("--max-open-jobs", type=int, default=d.max_open_jobs, metavar="N",
+                   help="running jobs per account (default %(default)s)")
+    p.add_argument("--max-stored-mb", type=int, default=d.max_stored_bytes // 2**20, metavar="MB",
+                   help="job inputs and models stored per account (default %(default)s)")
+    p.add_argument("--request-rate", type=float, default=d.request_rate, metavar="PER_S",
+                   help="signed requests per second per account, after a burst of 4x (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -37,7 +59,21 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
     return CoordinatorSettings(broker_url=args.broker, db_url=args.db, http_host=host, http_port=port,
                                replicas=args.replicas, key_path=args.key, topic_prefix=args.topic_prefix,
                                lease_seconds=args.lease_seconds, max_inline_bytes=args.max_inline_kb * 1024,
-                               max_body_bytes=args.max_body_mb * 2**20)
+                               max_body_bytes=args.max_body_mb * 2**20, registration=args.registration,
+                               starting_grant=args.starting_grant, min_replicas=args.min_replicas,
+                               operator_keys=tuple(_public_key(k) for k in args.operator),
+                               broker_admin=args.broker_admin or None, max_open_jobs=args.max_open_jobs,
+                               max_stored_bytes=args.max_stored_mb * 2**20, request_rate=args.request_rate,
+                               request_burst=4 * args.request_rate)
+
+
+def _public_key(value: str) -> str:
+    try:
+        if len(bytes.fromhex(value)) == 32:
+            return value.lower()
+    except ValueError:
+        pass
+    raise ValueError(f"--operator {value!r} is not a 64-hex Ed25519 public key (`sparecycles key FILE` shows one)")
 
 
 async def serve(settings: CoordinatorSettings) -> None:
@@ -73,11 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         settings.broker  # noqa: B018 - validates the URL before anything starts
+        if settings.broker_admin:
+            parse_admin(settings.broker_admin)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         asyncio.run(serve(settings))
+    except BrokerAclError as exc:
+        print(f"error: {exc}. Check --broker-admin and that the broker loads the dynamic-security plugin "
+              "(deploy/mosquitto-dynsec.conf).", file=sys.stderr)
+        return 1
+    except aiomqtt.MqttError as exc:
+        print(f"error: cannot set up broker access control at {settings.broker_url}: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"error: cannot serve HTTP on {args.http}: {exc}. Pick another --http HOST:PORT.", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from .http_api import COORDINATOR, add_routes
+from .http_auth import make_middleware
 from .service import Coordinator
 from .settings import CoordinatorSettings
 
@@ -33,7 +34,10 @@ async def json_errors(request: web.Request,
 
 
 def make_app(settings: CoordinatorSettings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    # json_errors outermost: the authentication middleware's own refusals and aiohttp's 413 while it
+    # reads a body come back as JSON too.
+    authenticate = make_middleware(lambda request: request.app[COORDINATOR].membership)
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors, authenticate])
 
     async def coordinator_ctx(app: web.Application) -> AsyncIterator[None]:
         coordinator = Coordinator(settings)

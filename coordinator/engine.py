@@ -18,7 +18,7 @@ from typing import Any
 import numpy.typing as npt
 
 from ledger.credit import ModelCost, credit_amount
-from ledger.entries import Credit
+from ledger.entries import Credit, charge_for
 from protocol.messages import Assignment, Result
 from protocol.tensors import encode_tensor_map, tensors_from_arrays
 
@@ -228,14 +228,28 @@ class Engine:
         if not verdict.canonical.stored:  # only the accepted outputs are ever read back
             self.ops.append(BlobPut(task.canonical_digest,
                                     encode_tensor_map(tensors_from_arrays(verdict.canonical.outputs))))
+        # Paid: the canonical vote and the next agreeing votes of distinct owners, k in all - not
+        # every agreeing vote. Restored votes can agree in larger groups than k, and the submitter
+        # must pay what was reserved for the job (coordinator.budget): k credits per task, always.
+        paid, owners = [verdict.canonical], {verdict.canonical.owner}
+        for v in verdict.agreeing:
+            if len(paid) >= job.spec.replicas:
+                break
+            if v.owner not in owners:
+                paid.append(v)
+                owners.add(v.owner)
         amount = credit_amount(ModelCost(job.spec.flops_per_row), task.rows)
         credits = tuple(
             Credit(node=v.node, owner=v.owner, job=job.spec.id, task=task.id, amount=amount,
                    result_digest=v.output_digest, created_at=now_wall)
-            for v in verdict.agreeing
+            for v in paid
         )
+        # Jobs without a submitter (internal use) are not charged; every other task's credits are
+        # paid by its submitter, in the same transaction, so credit is moved and never made.
+        charge = charge_for(credits, account=job.spec.submitter, created_at=now_wall) \
+            if job.spec.submitter else None
         self.ops.append(TaskDecided(task.id, TaskState.VERIFIED, task.canonical_digest, None,
-                                    tuple(v.lease for v in verdict.agreeing), credits))
+                                    tuple(v.lease for v in paid), credits, charge))
         self.counters["task_verified"] += 1
         job.verified += 1
         self._retire(task)
@@ -370,7 +384,8 @@ class Engine:
         job = self.jobs.get(job_id)
         if job is None:
             return None
-        return JobView(id=job_id, state=str(job.state), error=job.error, status=job.status())
+        return JobView(id=job_id, state=str(job.state), error=job.error, status=job.status(),
+                       submitter=job.spec.submitter, read_token_sha256=job.spec.read_token_sha256)
 
     def lease_view(self, lease_id: str) -> LeaseView | None:
         lease = self.leases.get(lease_id)

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
+import secrets
+import time
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
-from protocol.digests import is_sha256_hex
-from protocol.errors import PeerError
+from ledger.entries import account_of
+from protocol.certs import NodeCertificate
+from protocol.digests import is_sha256_hex, sha256_hex
+from protocol.errors import BadCertificate, PeerError
 from protocol.npz import from_npz, to_npz
 from protocol.tensors import decode_tensor_map, digest_tensors
 
+from .accounts import Account, Refused
+from .broker_acl import BrokerAclError
+from .budget import InsufficientCredit
+from .http_auth import JOB_TOKEN_HEADER, PRINCIPAL, Access, Principal, access, refuse
 from .jobs import BadJob, JobOptions
 from .models import InvalidModel
-from .queries import LeaseView
+from .queries import JobView, LeaseView
 from .service import Coordinator, off_loop
 
 COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
+log = logging.getLogger("sparecycles.coordinator.http")
 NPZ = "application/x-npz"
 
 
@@ -27,15 +38,64 @@ def fail(status: int, message: str) -> web.Response:
 
 
 def _int_param(request: web.Request, body: dict[str, Any], name: str) -> int | None:
-    raw = body.get(name, request.query.get(name))
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise BadJob(f"{name} must be an integer, got {raw!r}") from None
+    """A positive integer from the JSON body (a JSON integer, never `true` or `2.5`) or the query
+    string (digits only)."""
+    if name in body:
+        raw = body[name]
+        if raw is None:
+            return None
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise BadJob(f"{name} must be a positive integer, got {json.dumps(raw)}")
+        value = raw
+    else:
+        text = request.query.get(name)
+        if text is None or text == "":
+            return None
+        if not text.isdecimal() or len(text) > 9:
+            raise BadJob(f"{name} must be a positive integer, got {text!r}")
+        value = int(text)
     if value <= 0:
-        raise BadJob(f"{name} must be positive")
+        raise BadJob(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def refused(c: Coordinator, exc: Refused) -> web.Response:
+    c.counters[f"refused_{exc.reason}"] += 1
+    return refuse(exc.status, str(exc), retry_after=exc.retry_after)
+
+
+def principal(request: web.Request) -> Principal:
+    """The signer of a request the middleware let through at ACCOUNT, NODE, MEMBER or OPERATOR."""
+    return request[PRINCIPAL]
+
+
+def caller_account(request: web.Request) -> Account:
+    account = principal(request).account
+    if account is None:  # an operator's own key that is not an account: it submits nothing
+        raise web.HTTPForbidden(text=json.dumps({"error": "this needs a registered account"}),
+                                content_type="application/json")
+    return account
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body is not valid JSON"}),
+                                 content_type="application/json") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
+                                 content_type="application/json")
+    return body
+
+
+def _str_field(body: dict[str, Any], name: str, *, required: bool = True, limit: int = 512) -> str | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f'"{name}" must be a string of 1..{limit} characters'}),
+                                 content_type="application/json")
     return value
 
 
@@ -51,6 +111,7 @@ async def info(request: web.Request) -> web.Response:
         "protocol": 1, "replicas": c.settings.replicas})
 
 
+@access(Access.ACCOUNT)
 async def put_model(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     if request.content_length is not None and request.content_length > c.settings.max_model_bytes:
@@ -58,18 +119,26 @@ async def put_model(request: web.Request) -> web.Response:
     data = await request.read()
     if not data:
         return fail(400, "empty body: send the ONNX file's bytes (PUT /v1/models)")
+    account = caller_account(request)
     try:
+        c.membership.check_model_quota(account.name, len(data))
         meta, created = await c.add_model(data)
     except InvalidModel as exc:
         return fail(400, str(exc))
+    except Refused as exc:
+        return refused(c, exc)
+    if created:
+        c.membership.model_stored(account.name, len(data))
     return web.json_response(meta, status=201 if created else 200)
 
 
+@access(Access.MEMBER)
 async def head_model(request: web.Request) -> web.Response:
     known = await request.app[COORDINATOR].model_meta(request.match_info["digest"]) is not None
     return web.Response(status=200 if known else 404)
 
 
+@access(Access.MEMBER)
 async def get_model(request: web.Request) -> web.Response:
     data = await request.app[COORDINATOR].model_bytes(request.match_info["digest"])
     if data is None:
@@ -91,8 +160,10 @@ def _json_inputs(raw: Any) -> dict[str, np.ndarray[Any, Any]]:
     return out
 
 
+@access(Access.ACCOUNT)
 async def post_job(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
+    account = caller_account(request)
     try:
         if request.content_type == NPZ:
             body: dict[str, Any] = {}
@@ -116,18 +187,48 @@ async def post_job(request: web.Request) -> web.Response:
         if meta is None:
             return fail(404, f"unknown model {model}: upload it first with PUT /v1/models")
         final = str(body.get("final", request.query.get("final", "argmax")))
-        options = JobOptions(replicas=_int_param(request, body, "replicas") or c.settings.replicas,
-                             task_size=_int_param(request, body, "task_size"),
-                             max_results=_int_param(request, body, "max_results"), final=final)
+        replicas = _int_param(request, body, "replicas") or c.settings.replicas
+        if replicas < c.settings.lowest_replicas:
+            # Attack: a submitter asking for one replica runs the job on their own node alone and
+            # mints its credit unverified.
+            raise BadJob(f"replicas must be at least {c.settings.lowest_replicas} on this coordinator")
+        read_token = secrets.token_urlsafe(24)
+        options = JobOptions(replicas=replicas, task_size=_int_param(request, body, "task_size"),
+                             max_results=_int_param(request, body, "max_results"), final=final,
+                             submitter=account.name, read_token_sha256=sha256_hex(read_token.encode()))
         job = await c.create_job(meta, inputs, options)
     except BadJob as exc:
         return fail(400, str(exc))
     except PeerError as exc:
         return fail(413 if exc.reason == "oversized" else 400, str(exc))
+    except Refused as exc:
+        return refused(c, exc)
+    except InsufficientCredit as exc:
+        c.counters["refused_insufficient_credit"] += 1
+        return fail(402, str(exc))
     return web.json_response({"job": job.spec.id, "rows": job.spec.rows, "tasks": len(job.tasks),
-                              "task_size": job.spec.task_size, "replicas": job.spec.replicas}, status=202)
+                              "task_size": job.spec.task_size, "replicas": job.spec.replicas,
+                              "submitter": account.name, "read_token": read_token}, status=202)
 
 
+def _may_read(request: web.Request, job: JobView) -> web.Response | None:
+    """The submitter, an operator, or whoever holds the job's read token; else a 401/403."""
+    who = request.get(PRINCIPAL)
+    if who is not None and (who.operator or (who.account is not None and who.account.name == job.submitter)):
+        return None
+    token = request.headers.get(JOB_TOKEN_HEADER)
+    if token is not None and job.read_token_sha256 and \
+            hmac.compare_digest(sha256_hex(token.encode()), job.read_token_sha256):
+        return None
+    c = request.app[COORDINATOR]
+    if who is None and token is None:
+        c.counters["http_auth_missing"] += 1
+        return fail(401, f"reading a job needs its submitter's signature or its read token ({JOB_TOKEN_HEADER})")
+    c.counters["http_auth_forbidden"] += 1
+    return fail(403, "only the job's submitter, an operator or a holder of its read token may read it")
+
+
+@access(Access.JOB)
 async def get_job(request: web.Request) -> web.Response:
     """`?wait=S` long-polls: answers as soon as the job is finished and committed (at most S s)."""
     c = request.app[COORDINATOR]
@@ -135,6 +236,9 @@ async def get_job(request: web.Request) -> web.Response:
     job = c.job(job_id)
     if job is None:
         return fail(404, "unknown job")
+    denied = _may_read(request, job)
+    if denied is not None:
+        return denied
     try:
         wait = min(60.0, max(0.0, float(request.query.get("wait", 0))))
     except ValueError:
@@ -148,11 +252,15 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(dict(job.status))
 
 
+@access(Access.JOB)
 async def get_outputs(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     job = c.job(request.match_info["job"])
     if job is None:
         return fail(404, "unknown job")
+    denied = _may_read(request, job)
+    if denied is not None:
+        return denied
     if job.running:
         return fail(409, "job is still running: poll GET /v1/jobs/{job} until state is done")
     if job.state == "failed":
@@ -166,13 +274,18 @@ async def get_outputs(request: web.Request) -> web.Response:
 
 
 def _live_lease(c: Coordinator, request: web.Request) -> LeaseView:
+    """The live lease named by ?lease=, held by the node that signed the request: lease ids travel
+    over the broker, so knowing one proves nothing."""
     lease = c.live_lease(request.query.get("lease", ""))
-    if lease is None:
-        raise web.HTTPForbidden(text=json.dumps({"error": "a live lease is required (?lease=...)"}),
+    node = principal(request).node
+    if lease is None or node is None or lease.node != node.node:
+        raise web.HTTPForbidden(text=json.dumps({"error": "a live lease of the signing node is required "
+                                                          "(?lease=...)"}),
                                 content_type="application/json")
     return lease
 
 
+@access(Access.NODE)
 async def get_blob(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     lease = _live_lease(c, request)
@@ -185,6 +298,7 @@ async def get_blob(request: web.Request) -> web.Response:
     return web.Response(body=data, content_type="application/msgpack")
 
 
+@access(Access.NODE)
 async def put_blob(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     _live_lease(c, request)
@@ -221,9 +335,19 @@ async def ledger_node(request: web.Request) -> web.Response:
     entries = await c.ledger_history(node)
     if not entries:
         return fail(404, f"no credits for node {node}")
-    return web.json_response({"node": node, "owner": entries[0].credit.owner,
-                              "credits": sum(e.credit.amount for e in entries),
+    return web.json_response({"node": node, "owner": entries[0].account,
+                              "credits": sum(e.amount for e in entries),
                               "entries": [e.to_json() for e in entries]})
+
+
+async def ledger_account(request: web.Request) -> web.Response:
+    """An account's entries (grants, credits earned, charges paid) and its balance. Public, like
+    every ledger read: the ledger is there to be checked by anyone. An account without entries
+    answers balance 0 rather than 404: the ledger does not know which accounts exist."""
+    c = request.app[COORDINATOR]
+    name = request.match_info["name"]
+    entries = await c.ledger_account(name)
+    return web.json_response({**account_of(name, entries).to_json(), "entries": [e.to_json() for e in entries]})
 
 
 async def ledger_entries(request: web.Request) -> web.Response:
@@ -241,6 +365,124 @@ async def ledger_accepted(request: web.Request) -> web.Response:
     return web.json_response({"accepted": rows, "next": rows[-1]["seq"] if len(rows) == limit else None})
 
 
+# ---- accounts, nodes, operators ---------------------------------------------------------------
+@access(Access.SIGNED)
+async def post_account(request: web.Request) -> web.Response:
+    """Register the signing key as an account named `name` (open policy: rate-limited per source
+    address; invite policy: with a one-time `invite`; closed: refused)."""
+    c = request.app[COORDINATOR]
+    body = await _json_object(request)
+    name = _str_field(body, "name", limit=64)
+    invite = _str_field(body, "invite", required=False)
+    assert name is not None
+    try:
+        account, created = await c.membership.register(principal(request).public_key, name,
+                                                       source=request.remote or "", invite=invite, now=time.time())
+    except Refused as exc:
+        return refused(c, exc)
+    return web.json_response({**account.to_json(), **await c.credit_of(account.name)}, status=201 if created else 200)
+
+
+@access(Access.ACCOUNT)
+async def get_me(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    account = caller_account(request)
+    usage = c.membership.usage.get(account.name)
+    return web.json_response({
+        **account.to_json(), **await c.credit_of(account.name),
+        "open_jobs": usage.open_jobs if usage else 0, "stored_bytes": usage.stored_bytes if usage else 0,
+        "nodes": [n.to_json() for n in c.membership.accounts.nodes_of(account.name)]})
+
+
+@access(Access.SIGNED)
+async def post_node(request: web.Request) -> web.Response:
+    """Register the signing node key under the account whose key signed its certificate. Answers
+    the node's broker login when the broker is access-controlled."""
+    c = request.app[COORDINATOR]
+    body = await _json_object(request)
+    text = _str_field(body, "certificate", limit=4096)
+    assert text is not None
+    try:
+        certificate = NodeCertificate.from_text(text)
+    except BadCertificate as exc:
+        c.counters["refused_bad_certificate"] += 1
+        return fail(400, f"certificate is malformed: {exc}")
+    try:
+        record, mqtt = await c.membership.certify_node(principal(request).public_key, certificate, now=time.time())
+    except Refused as exc:
+        return refused(c, exc)
+    except BrokerAclError as exc:
+        log.error("provisioning the node's broker login failed node=%s error=%s", certificate.node_id, exc)
+        return fail(503, "the broker did not accept this node's login; retry later")
+    return web.json_response({**record.to_json(),
+                              "mqtt": None if mqtt is None else {"username": mqtt.username,
+                                                                 "password": mqtt.password}})
+
+
+@access(Access.OPERATOR)
+async def admin_accounts(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    rows: list[dict[str, object]] = []
+    for account in c.membership.accounts.all():
+        usage = c.membership.usage.get(account.name)
+        rows.append({**account.to_json(), **await c.credit_of(account.name),
+                     "nodes": len(c.membership.accounts.nodes_of(account.name)),
+                     "open_jobs": usage.open_jobs if usage else 0})
+    return web.json_response({"accounts": rows, "registration": str(c.membership.policy)})
+
+
+@access(Access.OPERATOR)
+async def admin_add_account(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    body = await _json_object(request)
+    name, key_hex = _str_field(body, "name", limit=64), _str_field(body, "public_key", limit=64)
+    assert name is not None and key_hex is not None
+    try:
+        public_key = bytes.fromhex(key_hex)
+    except ValueError:
+        public_key = b""
+    if len(public_key) != 32:
+        return fail(400, '"public_key" must be 64 hex digits (an Ed25519 public key)')
+    try:
+        account = await c.membership.add(public_key, name, operator=body.get("operator") is True, now=time.time())
+    except Refused as exc:
+        return refused(c, exc)
+    return web.json_response(account.to_json(), status=201)
+
+
+@access(Access.OPERATOR)
+async def admin_block(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    blocked = request.match_info["action"] == "block"
+    try:
+        account = await c.membership.set_blocked(request.match_info["name"], blocked)
+    except Refused as exc:
+        return refused(c, exc)
+    return web.json_response(account.to_json())
+
+
+@access(Access.OPERATOR)
+async def admin_grant(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    body = await _json_object(request)
+    amount = body.get("amount")
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        return fail(400, '"amount" must be a positive whole number of credits')
+    memo = _str_field(body, "memo", required=False, limit=200) or "operator grant"
+    name = request.match_info["name"]
+    try:
+        await c.membership.grant(name, amount, memo=memo, now=time.time())
+    except Refused as exc:
+        return refused(c, exc)
+    return web.json_response({"account": name, "granted": amount, **await c.credit_of(name)})
+
+
+@access(Access.OPERATOR)
+async def admin_invite(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    return web.json_response({"invite": await c.membership.issue_invite(time.time())}, status=201)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/info", info)
@@ -254,5 +496,14 @@ def add_routes(app: web.Application) -> None:
     app.router.add_put("/v1/blobs/{digest}", put_blob)
     app.router.add_get("/v1/ledger/balances", ledger_balances)
     app.router.add_get("/v1/ledger/nodes/{node}", ledger_node)
+    app.router.add_get("/v1/ledger/accounts/{name}", ledger_account)
     app.router.add_get("/v1/ledger/entries", ledger_entries)
     app.router.add_get("/v1/ledger/accepted", ledger_accepted)
+    app.router.add_post("/v1/accounts", post_account)
+    app.router.add_get("/v1/accounts/me", get_me)
+    app.router.add_post("/v1/nodes", post_node)
+    app.router.add_get("/v1/admin/accounts", admin_accounts)
+    app.router.add_post("/v1/admin/accounts", admin_add_account)
+    app.router.add_post("/v1/admin/accounts/{name}/{action:block|unblock}", admin_block)
+    app.router.add_post("/v1/admin/accounts/{name}/grant", admin_grant)
+    app.router.add_post("/v1/admin/invites", admin_invite)

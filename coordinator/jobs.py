@@ -3,6 +3,7 @@ tasks' input blobs. Checks every input against the model before anything is stor
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,5 +93,6 @@ def plan_job(meta: Mapping[str, Any], inputs: Mapping[str, npt.NDArray[Any]], op
         tasks.append(TaskRecord(id=f"{job_id}-{r.index:05d}", job=job_id, index=r.index, start=r.start,
                                 stop=r.stop, input_digest=digest, input_bytes=len(blob),
                                 inputs=tmap if len(blob) <= max_inline_bytes else None))
+    spec = dataclasses.replace(spec, input_bytes=sum(len(b) for b in blobs.values()))
     job = JobRecord(spec=spec, tasks=[t.id for t in tasks])
     return job, tasks, blobs

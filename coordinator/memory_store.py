@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ledger.entries import Balances, Entry
+from ledger.entries import Balances, Entry, Grant
 from ledger.store import InMemoryLedgerStore
 
+from .accounts import Account, Invite, NodeRecord
 from .records import (
     BlobPut,
     JobFinished,
@@ -41,6 +42,9 @@ class MemoryStore(CoordinatorStore):
         self.results: dict[str, ResultRow] = {}  # by lease; insertion order is arrival order
         self._accepted: list[str] = []
         self.ledger = InMemoryLedgerStore()
+        self.accounts: dict[str, Account] = {}
+        self.nodes: dict[str, NodeRecord] = {}
+        self.invites: dict[str, Invite] = {}
 
     async def put_model(self, digest: str, data: bytes, meta: dict[str, Any]) -> bool:
         if digest in self.models:
@@ -95,7 +99,7 @@ class MemoryStore(CoordinatorStore):
                 self.tasks[op.task] = replace(task, state=str(op.state), error=op.error)
                 self.canonical[op.task] = op.canonical_digest
                 self._accepted.extend(op.accepted_leases)
-                await self.ledger.append(op.credits)
+                await self.ledger.append([*op.credits, *([op.charge] if op.charge is not None else [])])
             elif isinstance(op, JobFinished):
                 self.jobs[op.job] = replace(self.jobs[op.job], state=str(op.state), error=op.error,
                                             finished_at=op.finished_at)
@@ -118,14 +122,34 @@ class MemoryStore(CoordinatorStore):
     async def ledger_history(self, node: str) -> list[Entry]:
         return await self.ledger.history(node)
 
+    async def grant(self, account: str, amount: int, *, key: str, memo: str, created_at: float) -> bool:
+        grant = Grant(account=account, amount=amount, key=key, memo=memo, created_at=created_at)
+        return await self.ledger.append([grant]) == 1
+
+    async def account_balance(self, name: str) -> int:
+        return await self.ledger.account_balance(name)
+
+    async def account_history(self, name: str) -> list[Entry]:
+        return await self.ledger.account_history(name)
+
     async def accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
         out = []
         for seq, lease in enumerate(self._accepted[after:after + limit], start=after + 1):
             r = self.results[lease]
             task = self.tasks[r.task]
             out.append({"seq": seq, "task": r.task, "job": task.job, "node": r.node, "owner": r.owner,
-                        "output_digest": r.output_digest, "task_state": task.state})
+                        "output_digest": r.output_digest, "task_state": task.state,
+                        "submitter": self.jobs[task.job].spec.submitter})
         return out
+
+    async def save_accounts(self, *, accounts: Sequence[Account] = (), nodes: Sequence[NodeRecord] = (),
+                            invites: Sequence[Invite] = ()) -> None:
+        self.accounts.update((a.id, a) for a in accounts)
+        self.nodes.update((n.node, n) for n in nodes)
+        self.invites.update((i.token_sha256, i) for i in invites)
+
+    async def load_accounts(self) -> tuple[list[Account], list[NodeRecord], list[Invite]]:
+        return list(self.accounts.values()), list(self.nodes.values()), list(self.invites.values())
 
     async def close(self) -> None:
         await self.ledger.close()

@@ -20,6 +20,8 @@ class JobView:
     state: str  # running | done | failed
     error: str | None
     status: Mapping[str, Any]  # the JSON document `GET /v1/jobs/{id}` answers
+    submitter: str = ""  # the account that may read it (besides operators and read-token holders)
+    read_token_sha256: str = ""
 
     @property
     def running(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ledger.entries import Credit
+from ledger.entries import Charge, Credit
 from protocol.tensors import Tensor
 
 from .quorum import Tolerance, Vote
@@ -32,6 +32,7 @@ class JobSpec:
     submitter: str = ""
     # sha256 hex of the job's read token: whoever holds the token may read status and outputs.
     read_token_sha256: str = ""
+    input_bytes: int = 0  # encoded size of the job's inputs: counts toward the submitter's storage quota
 
 
 @dataclass(slots=True, kw_only=True)
@@ -132,6 +133,9 @@ class TaskDecided:
     error: str | None
     accepted_leases: tuple[str, ...]
     credits: tuple[Credit, ...]
+    # What the job's submitter pays for the task: the sum of `credits`, committed with them. None
+    # for a failed task, and for jobs without a submitter (internal use).
+    charge: Charge | None = None
 
 
 @dataclass(frozen=True, slots=True)

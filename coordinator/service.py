@@ -4,6 +4,8 @@ that feed them. Adapters stay thin: decode, check, call the engine, send, persis
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets
 import socket
@@ -26,13 +28,17 @@ from protocol.signing import Identity
 from protocol.tensors import Tensor, concat_rows, decode_tensor_map, digest_tensors
 from protocol.topics import Topics, namespace_prefix
 
+from .broker_acl import DynamicSecurity, parse_admin
+from .budget import Budget
 from .engine import Engine
 from .jobs import JobOptions, plan_job
+from .membership import Membership
 from .model_probe import probe_model
 from .models import inspect_model
 from .queries import CoordinatorQueries, JobView, LeaseView, NodeView
 from .quorum import Vote
-from .records import JobFinished, JobRecord
+from .records import JobFinished, JobRecord, TaskDecided
+from .scheduler import JobState
 from .settings import CoordinatorSettings
 from .store import CoordinatorStore
 from .store_factory import open_store
@@ -73,6 +79,11 @@ class Coordinator:
         self._outgoing: dict[str, list[Assignment]] = {}
         self._model_meta: dict[str, dict[str, Any]] = {}  # models are immutable: their metadata too
         self._node_since: dict[str, int] = {}  # node -> the connection (Status.since) it last announced
+        self.budget = Budget()  # credit reserved by each account's running jobs
+        self.membership = Membership(settings=settings, store=self.store, audience=self.identity.id,
+                                     coordinator_key=self.identity.public_key, counters=self.counters)
+        self._mqtt_login: tuple[str | None, str | None] = settings.broker_login
+        self.broker_access_controlled = False
 
     def _key_path(self) -> str | None:
         if self.settings.key_path:
@@ -83,6 +94,8 @@ class Coordinator:
 
     # ---- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        await self.membership.load()
+        await self._setup_broker_access()
         await self._restore()
         self._tasks = [asyncio.create_task(self._mqtt_loop(), name="mqtt"),
                        asyncio.create_task(self._persist_loop(), name="persist"),
@@ -116,8 +129,16 @@ class Coordinator:
                 continue
             arrays = {n: t.to_array() for n, t in decode_tensor_map(blob).items()}
             task.votes.append(Vote(v.lease, v.node, v.owner, v.output_digest, arrays, stored=True))
+        # Reservations before add_job: it may verify restored tasks at once, and their charges
+        # settle against these when they are committed.
+        self.budget.rebuild((job.spec, [t.rows for t in by_job.get(job.spec.id, [])])
+                            for job in snap.jobs if job.state is JobState.RUNNING)
         now, wall = time.monotonic(), time.time()
         for job in snap.jobs:
+            if job.spec.submitter:
+                self.membership.job_opened(job.spec.submitter, job.spec.input_bytes)
+                if job.state is not JobState.RUNNING:
+                    self.membership.job_closed(job.spec.submitter)
             self.engine.add_job(job, by_job.get(job.spec.id, []), now_wall=wall)
         for lease in snap.live_leases:
             self.engine.restore_lease(replace(lease, deadline=now + max(0.0, lease.expires_at - wall)))
@@ -126,6 +147,40 @@ class Coordinator:
             log.info("restored jobs=%d running=%d open_tasks=%d live_leases=%d votes=%d", len(snap.jobs),
                      resumed, len(snap.tasks), len(snap.live_leases), len(snap.votes))
         self._mark_dirty()
+
+    async def _setup_broker_access(self) -> None:
+        """With the broker's dynamic-security admin (--broker-admin), lock the broker down: anonymous
+        clients get nothing, our client id and topics are ours alone, and each registered node gets
+        a login that may write only its own topics and read only its own assignments. Without it,
+        say once that the topics are not access-controlled: signatures still protect integrity."""
+        if self.settings.broker_admin is None:
+            log.warning("broker %s: topics are not access-controlled (no --broker-admin): anyone on the broker "
+                        "can read inputs and results; signatures still protect integrity. Use Mosquitto with "
+                        "deploy/mosquitto-dynsec.conf and --broker-admin USER:PASSWORD to lock it down.",
+                        self.settings.broker_url)
+            return
+        host, port = self.settings.broker
+        admin_user, admin_password = parse_admin(self.settings.broker_admin)
+        client_id = self.mqtt_client_id
+        # Derived from our key: stable across restarts, known to nobody without the key file.
+        password = hmac.new(self.identity.seed(), b"sparecycles mqtt password", hashlib.sha256).hexdigest()
+        async with DynamicSecurity(host, port, username=admin_user, password=admin_password) as dynsec:
+            await dynsec.lock_down()
+            await dynsec.ensure_coordinator(username=client_id, password=password, client_id=client_id,
+                                            prefix=self.topics.prefix)
+        self._mqtt_login = (client_id, password)
+        self.broker_access_controlled = True
+
+        async def provision(node: str) -> str:
+            async with DynamicSecurity(host, port, username=admin_user, password=admin_password) as d:
+                return await d.provision_node(node, self.topics.prefix)
+
+        self.membership.provision = provision
+        log.info("broker access control on broker=%s:%d client=%s", host, port, client_id)
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return f"coord-{self.identity.id[:16]}"
 
     # ---- models -------------------------------------------------------------------------------
     async def model_meta(self, digest: str) -> dict[str, Any] | None:
@@ -180,8 +235,19 @@ class Coordinator:
     async def ledger_history(self, node: str) -> list[Entry]:
         return await self.store.ledger_history(node)
 
+    async def ledger_account(self, name: str) -> list[Entry]:
+        """Every entry of the account `name` (grants, credits, charges), in seq order."""
+        await self.flush()  # charges and credits of verdicts already reported must show
+        return await self.store.account_history(name)
+
     async def ledger_accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
         return await self.store.accepted(after, limit)
+
+    async def credit_of(self, account: str) -> dict[str, int]:
+        """An account's committed balance, what its running jobs have reserved, and the rest."""
+        balance = await self.store.account_balance(account)
+        reserved = self.budget.reserved(account)
+        return {"balance": balance, "reserved": reserved, "available": balance - reserved}
 
     # ---- jobs ---------------------------------------------------------------------------------
     async def create_job(self, meta: Mapping[str, Any], inputs: Mapping[str, npt.NDArray[Any]],
@@ -191,10 +257,25 @@ class Coordinator:
         size = sum(a.nbytes for a in inputs.values())
         job, tasks, blobs = await off_loop(size, plan_job, meta, inputs, options, now_wall=time.time(),
                                            max_inline_bytes=self.settings.max_inline_bytes)
-        await self.store.create_job(job, tasks, blobs)
+        submitter = job.spec.submitter
+        if submitter:
+            self.membership.check_job_quota(submitter, job.spec.input_bytes)
+            # The whole cost is reserved before the job exists; `InsufficientCredit` refuses it.
+            # No await between reading the balance and reserving: concurrent jobs of one account
+            # each see the others' reservations.
+            cost = self.budget.estimate(job.spec.flops_per_row, [t.rows for t in tasks], job.spec.replicas)
+            balance = await self.store.account_balance(submitter)
+            self.budget.reserve(submitter, job.spec.id, cost, balance)
+        try:
+            await self.store.create_job(job, tasks, blobs)
+        except BaseException:
+            self.budget.release(job.spec.id)
+            raise
+        if submitter:
+            self.membership.job_opened(submitter, job.spec.input_bytes)
         self.engine.add_job(job, tasks)
-        log.info("job created job=%s rows=%d tasks=%d replicas=%d", job.spec.id, job.spec.rows, len(tasks),
-                 job.spec.replicas)
+        log.info("job created job=%s rows=%d tasks=%d replicas=%d submitter=%s", job.spec.id, job.spec.rows,
+                 len(tasks), job.spec.replicas, submitter)
         await self._send(self.engine.serve_waiting(now=time.monotonic(), now_wall=time.time()))
         await self._publish_outgoing()
         self._mark_dirty()
@@ -244,8 +325,15 @@ class Coordinator:
                 self.engine.ops[:0] = ops  # not committed: keep them, in order, for the next try
                 raise
             for op in ops:
-                if isinstance(op, JobFinished) and op.job in self._finished:
-                    self._finished.pop(op.job).set()
+                if isinstance(op, TaskDecided) and op.charge is not None:
+                    self.budget.settle(op.charge.job, op.charge.amount)  # committed: the balance has dropped
+                if isinstance(op, JobFinished):
+                    self.budget.release(op.job)
+                    job = self.engine.jobs.get(op.job)
+                    if job is not None and job.spec.submitter:
+                        self.membership.job_closed(job.spec.submitter)
+                    if op.job in self._finished:
+                        self._finished.pop(op.job).set()
 
     async def _persist_loop(self) -> None:
         # Group commit: whatever accumulated while the previous transaction ran goes in the next.
@@ -270,7 +358,8 @@ class Coordinator:
         while True:
             try:
                 async with aiomqtt.Client(
-                    host, port, identifier=f"coord-{self.identity.id[:16]}",
+                    host, port, identifier=self.mqtt_client_id,
+                    username=self._mqtt_login[0], password=self._mqtt_login[1],
                     socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                     max_inflight_messages=1000, keepalive=15,
                     # A persistent session under a stable client id: while this process restarts,
@@ -320,7 +409,13 @@ class Coordinator:
             if kind == "status" and isinstance(msg, Status):
                 await self._on_status(msg, now=now, wall=wall)
             elif kind == "work" and isinstance(msg, WorkRequest):
-                await self._send(self.engine.on_work_request(node, msg.owner, msg.slots, msg.seq, now=now,
+                # The owner is the one the node's certificate names, never the one it claims.
+                owner = self.membership.owner_of(node, wall)
+                if owner is None:
+                    self.counters["rejected_unregistered_node"] += 1
+                    self.membership.log_refused_node(node, wall)
+                    return
+                await self._send(self.engine.on_work_request(node, owner, msg.slots, msg.seq, now=now,
                                                              now_wall=wall, held=msg.held))
             elif kind == "work" and isinstance(msg, Release):
                 await self._send(self.engine.on_release(node, msg.leases, now=now, now_wall=wall))
@@ -353,6 +448,11 @@ class Coordinator:
             await self._send(self.engine.on_node_offline(msg.node, now=now, now_wall=wall))
 
     async def _on_results(self, node: str, msg: Results) -> None:
+        if self.membership.owner_of(node, time.time()) is None:
+            # Blocked owner or expired certificate since the lease went out: nothing it says counts.
+            self.counters["rejected_unregistered_node"] += len(msg.items)
+            self.membership.log_refused_node(node, time.time())
+            return
         for result in msg.items:
             rejection = self.engine.check_result(node, result)
             if rejection is not None:

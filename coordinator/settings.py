@@ -25,6 +25,32 @@ class CoordinatorSettings:
     model_probe_bytes: int = 1024 * 1024 * 1024
     model_probe_seconds: float = 60.0
     sweep_seconds: float = 0.25
+    # Accounts and access (coordinator/accounts.py, membership.py).
+    registration: str = "open"  # open | invite | closed
+    starting_grant: int | None = None  # credit for each new account; default: 10**12 if open, else 0
+    operator_keys: tuple[str, ...] = ()  # hex public keys allowed to manage accounts (besides ours)
+    min_replicas: int | None = None  # lowest replicas a submitter may ask for; default min(2, replicas)
+    request_rate: float = 50.0  # signed requests per second per account...
+    request_burst: float = 200.0  # ...after a burst of this many
+    max_open_jobs: int = 100  # running jobs per account
+    max_stored_bytes: int = 10 * 1024**3  # job inputs and models per account
+    broker_admin: str | None = None  # USER:PASSWORD of the broker's dynamic-security admin
+
+    def __post_init__(self) -> None:
+        if self.registration not in ("open", "invite", "closed"):
+            raise ValueError(f"--registration must be open, invite or closed, not {self.registration!r}")
+        if self.replicas < 1 or (self.min_replicas is not None and self.min_replicas < 1):
+            raise ValueError("replicas must be at least 1")
+
+    @property
+    def lowest_replicas(self) -> int:
+        return self.min_replicas if self.min_replicas is not None else min(2, self.replicas)
+
+    @property
+    def broker_login(self) -> tuple[str | None, str | None]:
+        """Username and password given in the broker URL (mqtt://USER:PASSWORD@HOST:PORT), if any."""
+        u = urlparse(self.broker_url)
+        return u.username, u.password
 
     @property
     def broker(self) -> tuple[str, int]:

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ledger import sqlite as ledger_sql
-from ledger.entries import Balances, Entry
+from ledger.entries import Balances, Entry, Grant
 
+from .accounts import Account, Invite, NodeRecord
 from .records import (
     BlobPut,
     JobFinished,
@@ -53,6 +54,13 @@ CREATE TABLE IF NOT EXISTS results (
     received_at REAL NOT NULL, accepted INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS results_task ON results(task);
 CREATE INDEX IF NOT EXISTS results_accepted ON results(accepted, seq);
+CREATE TABLE IF NOT EXISTS accounts (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, public_key BLOB NOT NULL, created_at REAL NOT NULL,
+    blocked INTEGER NOT NULL, operator INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    node TEXT PRIMARY KEY, public_key BLOB NOT NULL, owner TEXT NOT NULL, owner_id TEXT NOT NULL,
+    expires_at REAL NOT NULL, registered_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS invites (token_sha256 TEXT PRIMARY KEY, created_at REAL NOT NULL, used_by TEXT);
 """
 
 
@@ -153,13 +161,50 @@ class SQLiteStore(CoordinatorStore):
     async def ledger_history(self, node: str) -> list[Entry]:
         return await self._run(lambda c: ledger_sql.read_history(c, node))
 
+    async def grant(self, account: str, amount: int, *, key: str, memo: str, created_at: float) -> bool:
+        grant = Grant(account=account, amount=amount, key=key, memo=memo, created_at=created_at)
+        return await self._tx(lambda c: ledger_sql.insert_entries(c, [grant])) == 1
+
+    async def account_balance(self, name: str) -> int:
+        return await self._run(lambda c: ledger_sql.read_account_balance(c, name))
+
+    async def account_history(self, name: str) -> list[Entry]:
+        return await self._run(lambda c: ledger_sql.read_account_history(c, name))
+
     async def accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
         rows = await self._run(lambda c: c.execute(
-            "SELECT r.seq, r.task, t.job, r.node, r.owner, r.output_digest, t.state FROM results r "
-            "JOIN tasks t ON t.id = r.task WHERE r.accepted = 1 AND r.seq > ? ORDER BY r.seq LIMIT ?",
+            "SELECT r.seq, r.task, t.job, r.node, r.owner, r.output_digest, t.state, "
+            "COALESCE(json_extract(j.spec, '$.submitter'), '') FROM results r "
+            "JOIN tasks t ON t.id = r.task JOIN jobs j ON j.id = t.job "
+            "WHERE r.accepted = 1 AND r.seq > ? ORDER BY r.seq LIMIT ?",
             (after, limit)).fetchall())
-        keys = ("seq", "task", "job", "node", "owner", "output_digest", "task_state")
+        keys = ("seq", "task", "job", "node", "owner", "output_digest", "task_state", "submitter")
         return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    async def save_accounts(self, *, accounts: Sequence[Account] = (), nodes: Sequence[NodeRecord] = (),
+                            invites: Sequence[Invite] = ()) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            c.executemany("INSERT OR REPLACE INTO accounts VALUES (?, ?, ?, ?, ?, ?)",
+                          [(a.id, a.name, a.public_key, a.created_at, int(a.blocked), int(a.operator))
+                           for a in accounts])
+            c.executemany("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?)",
+                          [(n.node, n.public_key, n.owner, n.owner_id, n.expires_at, n.registered_at) for n in nodes])
+            c.executemany("INSERT OR REPLACE INTO invites VALUES (?, ?, ?)",
+                          [(i.token_sha256, i.created_at, i.used_by) for i in invites])
+
+        await self._tx(run)
+
+    async def load_accounts(self) -> tuple[list[Account], list[NodeRecord], list[Invite]]:
+        def run(c: sqlite3.Connection) -> tuple[list[Account], list[NodeRecord], list[Invite]]:
+            accounts = [Account(id=i, name=n, public_key=bytes(pk), created_at=t, blocked=bool(b), operator=bool(o))
+                        for i, n, pk, t, b, o in c.execute("SELECT * FROM accounts")]
+            nodes = [NodeRecord(node=n, public_key=bytes(pk), owner=o, owner_id=oi, expires_at=e, registered_at=r)
+                     for n, pk, o, oi, e, r in c.execute("SELECT * FROM nodes")]
+            invites = [Invite(token_sha256=h, created_at=t, used_by=u)
+                       for h, t, u in c.execute("SELECT * FROM invites")]
+            return accounts, nodes, invites
+
+        return await self._run(run)
 
     async def close(self) -> None:
         def run() -> None:
@@ -198,7 +243,7 @@ def _apply(c: sqlite3.Connection, ops: Sequence[Op]) -> None:
     c.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?)", blobs)
     if decided:
         # A task is decided once: a verdict for a task no longer open (a repeated batch) is
-        # dropped whole, and UNIQUE (task, node) in the ledger backs that up.
+        # dropped whole, and the ledger's keys (credit per (task, node), charge per task) back that up.
         still_open: set[str] = set()
         for i in range(0, len(decided), 5000):  # SQLite caps the number of bound parameters
             chunk = [d.task for d in decided[i:i + 5000]]
@@ -209,7 +254,8 @@ def _apply(c: sqlite3.Connection, ops: Sequence[Op]) -> None:
                       [(str(d.state), d.canonical_digest, d.error, d.task) for d in decided])
         c.executemany("UPDATE results SET accepted=1 WHERE lease=?",
                       [(lease,) for d in decided for lease in d.accepted_leases])
-        ledger_sql.insert_credits(c, [credit for d in decided for credit in d.credits])
+        ledger_sql.insert_entries(c, [entry for d in decided
+                                      for entry in (*d.credits, *((d.charge,) if d.charge is not None else ()))])
     c.executemany("UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=?", finished)
 
 

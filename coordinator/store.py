@@ -5,8 +5,9 @@ picks one from a URL. Arrows run one way: factory -> implementations -> this int
 
 Contract (checked for every backend by tests/contract/test_coordinator_store.py):
 - `apply(ops)` writes a batch of engine operations in ONE transaction: a task's verdict, its
-  accepted results and their credits commit together or not at all.
-- Credits are exactly once per (task, node): applying the same verdict twice adds nothing.
+  accepted results, their credits and their charge commit together or not at all.
+- Credits are exactly once per (task, node), a task's charge once per task, a grant once per
+  key: applying the same verdict (or granting under the same key) twice adds nothing.
 - A lease closes once: closing a lease that is no longer live changes nothing.
 - `load_rows()` returns the stored rows `restore.snapshot_from_rows` rebuilds a resumed engine from;
   a store supplies rows only and never interprets them.
@@ -21,6 +22,7 @@ from typing import Any
 
 from ledger.entries import Balances, Entry
 
+from .accounts import Account, Invite, NodeRecord
 from .quorum import Tolerance
 from .records import JobRecord, JobSpec, Op, TaskRecord
 from .restore import Snapshot, StoredRows, snapshot_from_rows
@@ -92,9 +94,35 @@ class CoordinatorStore(ABC):
     async def ledger_history(self, node: str) -> list[Entry]: ...
 
     @abstractmethod
+    async def grant(self, account: str, amount: int, *, key: str, memo: str, created_at: float) -> bool:
+        """Grant `amount` new credits to `account`, once per `key` ("start:<account id>" for an open
+        coordinator's starting grant, a uuid for an operator's grant). True if the grant is new,
+        False if `key` was used before (nothing is added, whatever the amount). Committed on return.
+        Raises `ledger.InvalidEntry` for an amount that is not a positive int or an empty name."""
+
+    @abstractmethod
+    async def account_balance(self, name: str) -> int:
+        """granted + earned - spent of the account `name`, as committed; 0 for an unknown account.
+        Cheap (an index range scan): asked on every job submission."""
+
+    @abstractmethod
+    async def account_history(self, name: str) -> list[Entry]:
+        """Every ledger entry of the account `name` (grants, credits, charges), in ascending seq."""
+
+    @abstractmethod
     async def accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
-        """Accepted (task, node) results with the task's state, ordered by a stable sequence
-        number `seq` > after: what `sparecycles ledger verify` checks credits against."""
+        """Accepted (task, node) results with the task's state and the job's `submitter` ("" for
+        an internal job), ordered by a stable sequence number `seq` > after: what
+        `sparecycles ledger verify` checks credits and charges against."""
+
+    # ---- accounts: coordinator/accounts.py keeps them in memory, the store keeps them ----------
+    @abstractmethod
+    async def save_accounts(self, *, accounts: Sequence[Account] = (), nodes: Sequence[NodeRecord] = (),
+                            invites: Sequence[Invite] = ()) -> None:
+        """Insert or replace these records (by account id, node id, invite hash) in one transaction."""
+
+    @abstractmethod
+    async def load_accounts(self) -> tuple[list[Account], list[NodeRecord], list[Invite]]: ...
 
     @abstractmethod
     async def close(self) -> None: ...

@@ -1,27 +1,44 @@
-"""sparecycles ledger: append-only credits for accepted results, priced by the coordinator's own
-cost model, stored exactly once per (task, node), and checkable by anyone.
+"""sparecycles ledger: an append-only, double-entry log. Credits for accepted results, priced by the
+coordinator's own cost model, are paid by the submitter's charges; operator grants are the only
+source of credit. Every entry is stored exactly once by its key, and the log is checkable by anyone.
 
 Imports `protocol` at most; never `coordinator` or `node`. The cost model is imported from
 `ledger.credit` explicitly: it loads onnx (~250 ms), which readers of the ledger do not need.
 """
 
-from .entries import Balances, Credit, Entry, NodeBalance, OwnerBalance
+from .entries import (
+    AccountBalance,
+    Balances,
+    Charge,
+    Credit,
+    Entry,
+    Grant,
+    LedgerRecord,
+    NodeBalance,
+    OwnerBalance,
+    charge_for,
+)
 from .errors import CostModelError, InvalidEntry, LedgerError, StorageError, StoreClosed
 from .factory import open_ledger
 from .store import InMemoryLedgerStore, LedgerStore
 
 __all__ = [
+    "AccountBalance",
     "Balances",
+    "Charge",
     "CostModelError",
     "Credit",
     "Entry",
+    "Grant",
     "InMemoryLedgerStore",
     "InvalidEntry",
     "LedgerError",
+    "LedgerRecord",
     "LedgerStore",
     "NodeBalance",
     "OwnerBalance",
     "StorageError",
     "StoreClosed",
+    "charge_for",
     "open_ledger",
 ]

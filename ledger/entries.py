@@ -1,14 +1,23 @@
-"""Ledger values: a credit, its numbered entry, and balances summed over entries.
+"""Ledger values: the typed records of one double-entry log, their numbered entries, and balances
+summed over entries.
 
-Frozen and validated when built (after h11's events), so a broken credit never reaches a store.
+Every record has a `kind` and a positive `amount`; the kind gives the sign for its account:
+- `credit`: paid to the owner account of a node whose result was accepted (+);
+- `charge`: paid by the submitter account for one verified task, equal to that task's credits (-);
+- `grant`: an operator's grant, the only source of new credit (+).
+Credit moves from submitters to contributors and is never made by running jobs, so the sum of all
+account balances equals the sum of grants (DESIGN.md §12: "Credit is conserved"). Issue 8 adds
+`clawback` (-) the same way: a class here, a sign in `SIGNS`, a key in `unique_key`.
+
+Frozen and validated when built (after h11's events), so a broken record never reaches a store.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 import msgpack
 
@@ -17,16 +26,54 @@ from .errors import InvalidEntry
 MAX_AMOUNT: Final = 2**63 - 1
 """The largest amount SQLite's INTEGER and PostgreSQL's bigint can hold."""
 
+MAX_MEMO: Final = 1_000
+"""Characters in a grant's memo: a note for people, not a place to store documents."""
+
 LEAF_TAG_CREDIT: Final = "credit"
-"""First element of a credit's leaf: penalties and checkpoints will be leaves of the same tree, and
-the tag keeps a credit's bytes from ever reading as one of them."""
+"""First element of a credit's leaf: every kind is a leaf of the same Merkle tree (issue 11), and
+the tag keeps one kind's bytes from ever reading as another's."""
+LEAF_TAG_CHARGE: Final = "charge"
+LEAF_TAG_GRANT: Final = "grant"
+
+SIGNS: Final[Mapping[str, int]] = {LEAF_TAG_GRANT: 1, LEAF_TAG_CREDIT: 1, LEAF_TAG_CHARGE: -1}
+"""What an entry of each kind does to its account's balance."""
+
+UniqueKey = tuple[str, str, str, str]
+"""(kind, task, node, ref) with "" where a part does not apply: the exactly-once key every backend
+enforces (SQLite: one UNIQUE constraint over these four columns)."""
+
+
+def _check_name(kind: str, name: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidEntry(f"{kind} field {name!r} must be a non-empty string, got {value!r}")
+
+
+def _check_amount(kind: str, amount: object, where: str) -> None:
+    # bool is an int in Python; True must not pass for one credit.
+    if not isinstance(amount, int) or isinstance(amount, bool) or not 0 < amount <= MAX_AMOUNT:
+        raise InvalidEntry(f"{kind} amount must be an int in 1..2**63-1, got {amount!r} ({where})")
+
+
+def _check_time(kind: str, created_at: object) -> None:
+    if isinstance(created_at, bool) or not isinstance(created_at, int | float) \
+            or not math.isfinite(created_at):
+        raise InvalidEntry(f"{kind} created_at must be a finite number, got {created_at!r}")
+
+
+def _pack(fields: list[object]) -> bytes:
+    """Canonical msgpack: a fixed-order array, never a map (map order is the encoder's choice)."""
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
+    return packed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Credit:
-    """One accepted (task, node) result paid for. `amount` comes from the coordinator's own cost
-    model (`ledger.credit`), never from anything the node reported. `created_at` is wall-clock
-    seconds: the ledger is read by other processes and machines."""
+    """One accepted (task, node) result paid for, to the node's owner account (`owner`, a name).
+    `amount` comes from the coordinator's own cost model (`ledger.credit`), never from anything the
+    node reported. `created_at` is wall-clock seconds: the ledger is read by other processes and
+    machines."""
+
+    kind: ClassVar[str] = LEAF_TAG_CREDIT
 
     node: str
     owner: str
@@ -38,49 +85,146 @@ class Credit:
 
     def __post_init__(self) -> None:
         for name in ("node", "owner", "job", "task", "result_digest"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise InvalidEntry(f"credit field {name!r} must be a non-empty string, got {value!r}")
-        # bool is an int in Python; True must not pass for one credit.
-        if not isinstance(self.amount, int) or isinstance(self.amount, bool) \
-                or not 0 < self.amount <= MAX_AMOUNT:
-            raise InvalidEntry(f"credit amount must be an int in 1..2**63-1, got {self.amount!r} "
-                               f"(task {self.task}, node {self.node})")
-        if isinstance(self.created_at, bool) or not isinstance(self.created_at, int | float) \
-                or not math.isfinite(self.created_at):
-            raise InvalidEntry(f"credit created_at must be a finite number, got {self.created_at!r}")
+            _check_name("credit", name, getattr(self, name))
+        _check_amount("credit", self.amount, f"task {self.task}, node {self.node}")
+        _check_time("credit", self.created_at)
+
+    @property
+    def account(self) -> str:
+        """The account paid: the node's owner."""
+        return self.owner
 
     @property
     def key(self) -> tuple[str, str]:
         """The exactly-once key: a (task, node) pair is credited at most once."""
         return (self.task, self.node)
 
+    @property
+    def unique_key(self) -> UniqueKey:
+        return (self.kind, self.task, self.node, "")
+
     def leaf_bytes(self) -> bytes:
-        """Canonical msgpack: a fixed-order array, never a map (map order is the encoder's choice),
-        and `created_at` always a float64 so `5` and `5.0` hash alike. The entry's seq is left out:
-        a leaf's position in the tree already says it."""
-        packed: bytes = msgpack.packb(
-            [LEAF_TAG_CREDIT, self.node, self.owner, self.job, self.task, self.amount,
-             self.result_digest, float(self.created_at)],
-            use_bin_type=True,
-        )
-        return packed
+        """Tag first, then the fields in a fixed order; `created_at` always a float64 so `5` and
+        `5.0` hash alike. The entry's seq is left out: a leaf's position in the tree already says it."""
+        return _pack([LEAF_TAG_CREDIT, self.node, self.owner, self.job, self.task, self.amount,
+                      self.result_digest, float(self.created_at)])
 
     def to_json(self) -> dict[str, object]:
-        return {"node": self.node, "owner": self.owner, "job": self.job, "task": self.task,
-                "amount": self.amount, "result_digest": self.result_digest,
+        return {"kind": self.kind, "node": self.node, "owner": self.owner, "job": self.job,
+                "task": self.task, "amount": self.amount, "result_digest": self.result_digest,
                 "created_at": float(self.created_at)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Charge:
+    """What the submitter `account` pays for one verified task: the sum of that task's credits,
+    written in the same transaction as they are (build it with `charge_for`)."""
+
+    kind: ClassVar[str] = LEAF_TAG_CHARGE
+
+    account: str
+    job: str
+    task: str
+    amount: int
+    created_at: float
+
+    def __post_init__(self) -> None:
+        for name in ("account", "job", "task"):
+            _check_name("charge", name, getattr(self, name))
+        _check_amount("charge", self.amount, f"task {self.task}, account {self.account}")
+        _check_time("charge", self.created_at)
+
+    @property
+    def unique_key(self) -> UniqueKey:
+        return (self.kind, self.task, "", "")  # a task is paid for once
+
+    def leaf_bytes(self) -> bytes:
+        return _pack([LEAF_TAG_CHARGE, self.account, self.job, self.task, self.amount,
+                      float(self.created_at)])
+
+    def to_json(self) -> dict[str, object]:
+        return {"kind": self.kind, "account": self.account, "job": self.job, "task": self.task,
+                "amount": self.amount, "created_at": float(self.created_at)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Grant:
+    """New credit for `account`: an operator's grant, or the open coordinator's starting grant.
+    `key` is the caller's exactly-once key ("start:<account id>" for a starting grant, a uuid for
+    an operator's): granting under a key already used adds nothing, so a retried request cannot
+    grant twice."""
+
+    kind: ClassVar[str] = LEAF_TAG_GRANT
+
+    account: str
+    amount: int
+    key: str
+    memo: str
+    created_at: float
+
+    def __post_init__(self) -> None:
+        _check_name("grant", "account", self.account)
+        _check_name("grant", "key", self.key)
+        if not isinstance(self.memo, str) or len(self.memo) > MAX_MEMO:
+            raise InvalidEntry(f"grant memo must be a string of at most {MAX_MEMO} characters")
+        _check_amount("grant", self.amount, f"key {self.key}, account {self.account}")
+        _check_time("grant", self.created_at)
+
+    @property
+    def unique_key(self) -> UniqueKey:
+        return (self.kind, "", "", self.key)
+
+    def leaf_bytes(self) -> bytes:
+        return _pack([LEAF_TAG_GRANT, self.account, self.amount, self.key, self.memo,
+                      float(self.created_at)])
+
+    def to_json(self) -> dict[str, object]:
+        return {"kind": self.kind, "account": self.account, "amount": self.amount, "key": self.key,
+                "memo": self.memo, "created_at": float(self.created_at)}
+
+
+LedgerRecord = Credit | Charge | Grant
+"""Anything a ledger store appends."""
+
+
+def charge_for(credits: Iterable[Credit], *, account: str, created_at: float) -> Charge:
+    """The charge that pays for one task's credits. Raises `InvalidEntry` for credits of several
+    tasks or none: a charge pays for exactly one task."""
+    paid = list(credits)
+    tasks = {(c.job, c.task) for c in paid}
+    if len(tasks) != 1:
+        raise InvalidEntry(f"a charge pays for the credits of exactly one task, got {sorted(tasks)}")
+    ((job, task),) = tasks
+    return Charge(account=account, job=job, task=task, amount=sum(c.amount for c in paid),
+                  created_at=created_at)
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """A credit at its place in the log: `seq` counts from 1 without gaps."""
+    """A record at its place in the log: `seq` counts from 1 without gaps, over every kind."""
 
     seq: int
-    credit: Credit
+    record: LedgerRecord
+
+    @property
+    def kind(self) -> str:
+        return self.record.kind
+
+    @property
+    def account(self) -> str:
+        return self.record.account
+
+    @property
+    def amount(self) -> int:
+        return self.record.amount
+
+    @property
+    def delta(self) -> int:
+        """What this entry does to its account's balance."""
+        return SIGNS[self.record.kind] * self.record.amount
 
     def to_json(self) -> dict[str, object]:
-        return {"seq": self.seq, **self.credit.to_json()}
+        return {"seq": self.seq, **self.record.to_json()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,44 +249,99 @@ class OwnerBalance:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountBalance:
+    """One account's side of the double entry. `balance` may be below zero only if charges were
+    written without a reservation (the coordinator reserves a job's cost before accepting it)."""
+
+    account: str
+    granted: int
+    earned: int
+    spent: int
+
+    @property
+    def balance(self) -> int:
+        return self.granted + self.earned - self.spent
+
+    def to_json(self) -> dict[str, object]:
+        return {"account": self.account, "granted": self.granted, "earned": self.earned,
+                "spent": self.spent, "balance": self.balance}
+
+
+@dataclass(frozen=True, slots=True)
 class Balances:
-    """Sums over the whole log. A node is listed once per owner it earned under: the owner is what a
-    node claims in its requests, and folding two claims into one row would hide a change of owner."""
+    """Sums over the whole log.
+
+    `nodes`, `owners`, `total_credits` and `entries` are the contributors' view and count credit
+    entries only. A node is listed once per owner it earned under: the owner is what a node claims
+    in its requests, and folding two claims into one row would hide a change of owner.
+    `accounts` is the double entry, one row per account with any entry; the sum of their balances
+    is `total_granted` whenever every credited task was charged.
+    """
 
     nodes: tuple[NodeBalance, ...]
     owners: tuple[OwnerBalance, ...]
     total_credits: int
     entries: int
+    accounts: tuple[AccountBalance, ...] = ()
+    total_granted: int = 0
 
     def to_json(self) -> dict[str, object]:
         return {"nodes": [n.to_json() for n in self.nodes], "owners": [o.to_json() for o in self.owners],
-                "total_credits": self.total_credits, "entries": self.entries}
+                "total_credits": self.total_credits, "entries": self.entries,
+                "accounts": [a.to_json() for a in self.accounts], "total_granted": self.total_granted}
 
 
-def balances_from_rows(rows: Iterable[tuple[str, str, int, int]]) -> Balances:
-    """Build `Balances` from (node, owner, credits, entries) rows, one per (node, owner) pair.
+def account_row(account: str, sums: Mapping[str, int]) -> AccountBalance:
+    """An account's row from its per-kind sums of amounts."""
+    return AccountBalance(account, granted=sums.get(LEAF_TAG_GRANT, 0), earned=sums.get(LEAF_TAG_CREDIT, 0),
+                          spent=sums.get(LEAF_TAG_CHARGE, 0))
 
-    Every backend funnels through here so that sorting (credits descending, then name) and the
+
+def account_of(account: str, entries: Iterable[Entry]) -> AccountBalance:
+    """`account`'s row summed over `entries` (e.g. its history); entries of others are skipped."""
+    sums: dict[str, int] = {}
+    for entry in entries:
+        if entry.account == account:
+            sums[entry.kind] = sums.get(entry.kind, 0) + entry.amount
+    return account_row(account, sums)
+
+
+def balances_from_rows(node_rows: Iterable[tuple[str, str, int, int]],
+                       account_rows: Iterable[tuple[str, str, int]] = ()) -> Balances:
+    """Build `Balances` from (node, owner, credits, entries) rows, one per (node, owner) pair of the
+    credit entries, and (account, kind, amount) rows, one per (account, kind) of all entries.
+
+    Every backend funnels through here so that sorting (amounts descending, then name) and the
     owner and total sums cannot drift apart between them.
     """
     nodes: list[NodeBalance] = []
     owners: dict[str, tuple[int, int]] = {}
-    for node, owner, credits, count in rows:
+    for node, owner, credits, count in node_rows:
         nodes.append(NodeBalance(node, owner, credits, count))
         have_credits, have_count = owners.get(owner, (0, 0))
         owners[owner] = (have_credits + credits, have_count + count)
     nodes.sort(key=lambda b: (-b.credits, b.node, b.owner))
     owner_rows = sorted((OwnerBalance(o, c, n) for o, (c, n) in owners.items()),
                         key=lambda b: (-b.credits, b.owner))
+    sums: dict[str, dict[str, int]] = {}
+    for account, kind, amount in account_rows:
+        by_kind = sums.setdefault(account, {})
+        by_kind[kind] = by_kind.get(kind, 0) + amount
+    accounts = sorted((account_row(a, s) for a, s in sums.items()), key=lambda b: (-b.balance, b.account))
     return Balances(nodes=tuple(nodes), owners=tuple(owner_rows),
-                    total_credits=sum(b.credits for b in nodes), entries=sum(b.entries for b in nodes))
+                    total_credits=sum(b.credits for b in nodes), entries=sum(b.entries for b in nodes),
+                    accounts=tuple(accounts), total_granted=sum(a.granted for a in accounts))
 
 
 def balances_of(entries: Iterable[Entry]) -> Balances:
     """Balances of a list of entries, as `LedgerStore.balances()` reports them."""
     tally: dict[tuple[str, str], tuple[int, int]] = {}
+    account_rows: list[tuple[str, str, int]] = []
     for entry in entries:
-        key = (entry.credit.node, entry.credit.owner)
-        credits, count = tally.get(key, (0, 0))
-        tally[key] = (credits + entry.credit.amount, count + 1)
-    return balances_from_rows((node, owner, c, n) for (node, owner), (c, n) in tally.items())
+        record = entry.record
+        account_rows.append((record.account, record.kind, record.amount))
+        if isinstance(record, Credit):
+            key = (record.node, record.owner)
+            credits, count = tally.get(key, (0, 0))
+            tally[key] = (credits + record.amount, count + 1)
+    return balances_from_rows(((node, owner, c, n) for (node, owner), (c, n) in tally.items()), account_rows)

@@ -1,8 +1,9 @@
 """The SQLite ledger: plain SQL functions over a caller's connection, and a standalone async store.
 
-The coordinator writes a task's credits in the same transaction that marks the task verified, so
-that a crash or a replayed message can never credit twice or lose a credit. It therefore calls the
-functions below on its own connection, inside its own transaction; none of them commits.
+The coordinator writes a task's credits and its charge in the same transaction that marks the task
+verified, so that a crash or a replayed message can never credit or charge twice, or lose either.
+It therefore calls the functions below on its own connection, inside its own transaction; none of
+them commits (a migration of an old table uses a savepoint, which nests inside the caller's).
 `SQLiteLedgerStore` wraps the same functions for a process that owns the ledger file alone.
 """
 
@@ -15,59 +16,107 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
-from .entries import Balances, Credit, Entry, balances_from_rows
-from .errors import StorageError, StoreClosed
+from .entries import Balances, Charge, Credit, Entry, Grant, LedgerRecord, balances_from_rows
+from .errors import LedgerError, StorageError, StoreClosed
 from .store import LedgerStore
 
 T = TypeVar("T")
 
-_SCHEMA_STATEMENTS: Final = (
-    """CREATE TABLE IF NOT EXISTS ledger_entries (
+_TABLE: Final = """CREATE TABLE IF NOT EXISTS ledger_entries (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    node TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    job TEXT NOT NULL,
-    task TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    account TEXT NOT NULL,
     amount INTEGER NOT NULL CHECK (amount > 0),
-    result_digest TEXT NOT NULL,
+    job TEXT NOT NULL DEFAULT '',
+    task TEXT NOT NULL DEFAULT '',
+    node TEXT NOT NULL DEFAULT '',
+    ref TEXT NOT NULL DEFAULT '',
+    result_digest TEXT NOT NULL DEFAULT '',
+    memo TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
-    UNIQUE (task, node)
-)""",
+    UNIQUE (kind, task, node, ref)
+)"""
+# One table for every kind, one row per entry, so that seq numbers the whole log. A column that
+# does not apply to a kind holds '' rather than NULL: UNIQUE treats NULLs as distinct, and '' lets
+# one constraint be every kind's exactly-once key (`entries.UniqueKey`): credit (task, node),
+# charge (task), grant (ref = the caller's key); a clawback (issue 8) gets (task, node) under its
+# own kind. `ref` is the caller's key of a grant. Nothing valid is '' (names are non-empty).
+_SCHEMA_STATEMENTS: Final = (
+    _TABLE,
     "CREATE INDEX IF NOT EXISTS ledger_entries_node ON ledger_entries (node)",
-    "CREATE INDEX IF NOT EXISTS ledger_entries_owner ON ledger_entries (owner)",
+    # Covering: account_balance() sums amounts per kind from the index alone, without the table.
+    "CREATE INDEX IF NOT EXISTS ledger_entries_account ON ledger_entries (account, kind, amount)",
 )
 # AUTOINCREMENT, unlike a bare INTEGER PRIMARY KEY, never reuses a seq, so an entry's number is its
 # place in the log for good. With no deletes, and rolled-back inserts rolling the counter back too,
 # seq runs 1..n without gaps - as long as no insert hits the UNIQUE key (see _INSERT).
 LEDGER_SCHEMA: Final = ";\n".join(_SCHEMA_STATEMENTS) + ";\n"
 
-_COLUMNS: Final = "seq, node, owner, job, task, amount, result_digest, created_at"
+_COLUMNS: Final = "seq, kind, account, amount, job, task, node, ref, result_digest, memo, created_at"
 # AUTOINCREMENT advances its counter even for a row that ON CONFLICT then skips (measured: the
 # next entry after a replay got seq n+2), so a replay is filtered out by NOT EXISTS before it can
 # reach the key. SQLite admits one writer at a time, so nothing can slip in between the check and the
 # insert. ON CONFLICT stays as the last guard (a gap `ledger verify` reports beats a failed
 # transaction), and unlike INSERT OR IGNORE it does not also swallow a broken CHECK on amount.
 _INSERT: Final = (
-    "INSERT INTO ledger_entries (node, owner, job, task, amount, result_digest, created_at) "
-    "SELECT :node, :owner, :job, :task, :amount, :result_digest, :created_at "
-    "WHERE NOT EXISTS (SELECT 1 FROM ledger_entries WHERE task = :task AND node = :node) "
-    "ON CONFLICT (task, node) DO NOTHING"
+    "INSERT INTO ledger_entries (kind, account, amount, job, task, node, ref, result_digest, memo, created_at) "
+    "SELECT :kind, :account, :amount, :job, :task, :node, :ref, :result_digest, :memo, :created_at "
+    "WHERE NOT EXISTS (SELECT 1 FROM ledger_entries "
+    "WHERE kind = :kind AND task = :task AND node = :node AND ref = :ref) "
+    "ON CONFLICT (kind, task, node, ref) DO NOTHING"
 )
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
-    """Create the ledger's table and indexes if missing. Statement by statement, because
-    `executescript` would first commit whatever transaction the caller has open."""
+    """Create the ledger's table and indexes if missing, and bring a credits-only table of an
+    earlier version into the typed layout. Statement by statement, because `executescript` would
+    first commit whatever transaction the caller has open."""
+    columns = {row[1] for row in _select(conn, "PRAGMA table_info(ledger_entries)", ())}
+    if columns and "kind" not in columns:
+        _migrate_credits_only(conn)
     for statement in _SCHEMA_STATEMENTS:
         conn.execute(statement)
 
 
-def insert_credits(conn: sqlite3.Connection, credits: Sequence[Credit]) -> int:
-    """Insert credits in order; a (task, node) already present is skipped. Returns the number of
-    rows newly inserted. Does not commit: the caller's transaction decides."""
-    if not credits:
+def _migrate_credits_only(conn: sqlite3.Connection) -> None:
+    # A savepoint makes the copy all-or-nothing whether or not the caller has a transaction open
+    # (the coordinator opens its store in autocommit mode): a crash between DROP and RENAME would
+    # otherwise leave the log under the wrong name and an empty table in its place.
+    conn.execute("SAVEPOINT ledger_migrate")
+    try:
+        conn.execute(_TABLE.replace("ledger_entries", "ledger_entries_typed", 1))
+        # Explicit seqs keep every entry's place; AUTOINCREMENT carries on after the highest.
+        conn.execute("INSERT INTO ledger_entries_typed (seq, kind, account, amount, job, task, node, "
+                     "result_digest, created_at) SELECT seq, 'credit', owner, amount, job, task, node, "
+                     "result_digest, created_at FROM ledger_entries ORDER BY seq")
+        conn.execute("DROP TABLE ledger_entries")  # and its indexes, recreated by create_schema
+        conn.execute("ALTER TABLE ledger_entries_typed RENAME TO ledger_entries")
+        conn.execute("RELEASE ledger_migrate")
+    except BaseException:
+        conn.execute("ROLLBACK TO ledger_migrate")
+        conn.execute("RELEASE ledger_migrate")
+        raise
+
+
+def _row(record: LedgerRecord) -> dict[str, object]:
+    row: dict[str, object] = {"kind": record.kind, "account": record.account, "amount": record.amount,
+                              "job": "", "task": "", "node": "", "ref": "", "result_digest": "", "memo": "",
+                              "created_at": float(record.created_at)}
+    if isinstance(record, Credit):
+        row.update(job=record.job, task=record.task, node=record.node, result_digest=record.result_digest)
+    elif isinstance(record, Charge):
+        row.update(job=record.job, task=record.task)
+    else:
+        row.update(ref=record.key, memo=record.memo)
+    return row
+
+
+def insert_entries(conn: sqlite3.Connection, records: Sequence[LedgerRecord]) -> int:
+    """Insert records in order; a record whose key is already present is skipped. Returns the
+    number of rows newly inserted. Does not commit: the caller's transaction decides."""
+    if not records:
         return 0
-    cursor = conn.executemany(_INSERT, [c.to_json() for c in credits])
+    cursor = conn.executemany(_INSERT, [_row(r) for r in records])
     try:
         return cursor.rowcount  # summed over the batch; a skipped row counts 0
     finally:
@@ -90,15 +139,37 @@ def read_size(conn: sqlite3.Connection) -> int:
 
 
 def read_balances(conn: sqlite3.Connection) -> Balances:
-    # One statement is one snapshot: owner sums and totals are derived from these rows, not read by
-    # further queries that a concurrent writer could land between.
-    rows = _select(conn, "SELECT node, owner, SUM(amount), COUNT(*) FROM ledger_entries GROUP BY node, owner",
+    # One statement is one snapshot: the contributors' rows and the accounts' rows come from the
+    # same state of the log, not from two queries a concurrent writer could land between.
+    rows = _select(conn,
+                   "SELECT 'node', node, account, SUM(amount), COUNT(*) FROM ledger_entries "
+                   "WHERE kind = 'credit' GROUP BY node, account "
+                   "UNION ALL "
+                   "SELECT 'account', account, kind, SUM(amount), 0 FROM ledger_entries GROUP BY account, kind",
                    ())
-    return balances_from_rows((str(n), str(o), int(c), int(k)) for n, o, c, k in rows)
+    nodes = [(str(a), str(b), int(s), int(n)) for part, a, b, s, n in rows if part == "node"]
+    accounts = [(str(a), str(b), int(s)) for part, a, b, s, _ in rows if part == "account"]
+    return balances_from_rows(nodes, accounts)
 
 
 def read_history(conn: sqlite3.Connection, node: str) -> list[Entry]:
-    rows = _select(conn, f"SELECT {_COLUMNS} FROM ledger_entries WHERE node = ? ORDER BY seq", (node,))
+    rows = _select(conn, f"SELECT {_COLUMNS} FROM ledger_entries WHERE node = ? AND kind = 'credit' "
+                         "ORDER BY seq", (node,))
+    return [_entry(row) for row in rows]
+
+
+def read_account_balance(conn: sqlite3.Connection, account: str) -> int:
+    # Served from the covering index (account, kind, amount): a range scan of this account's
+    # entries, never the table. Measured here: 11 ms for an account with 100k charges, 0.03 ms for
+    # one without entries. A running total per account would make it O(1) at a cost on every
+    # insert; not needed until accounts hold millions of entries.
+    rows = _select(conn, "SELECT COALESCE(SUM(CASE kind WHEN 'charge' THEN -amount ELSE amount END), 0) "
+                         "FROM ledger_entries WHERE account = ?", (account,))
+    return int(rows[0][0])
+
+
+def read_account_history(conn: sqlite3.Connection, account: str) -> list[Entry]:
+    rows = _select(conn, f"SELECT {_COLUMNS} FROM ledger_entries WHERE account = ? ORDER BY seq", (account,))
     return [_entry(row) for row in rows]
 
 
@@ -112,16 +183,25 @@ def _select(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> lis
 
 
 def _entry(row: Sequence[Any]) -> Entry:
-    seq, node, owner, job, task, amount, result_digest, created_at = row
-    return Entry(int(seq), Credit(node=node, owner=owner, job=job, task=task, amount=int(amount),
-                                  result_digest=result_digest, created_at=float(created_at)))
+    seq, kind, account, amount, job, task, node, ref, result_digest, memo, created_at = row
+    record: LedgerRecord
+    if kind == "credit":
+        record = Credit(node=node, owner=account, job=job, task=task, amount=int(amount),
+                        result_digest=result_digest, created_at=float(created_at))
+    elif kind == "charge":
+        record = Charge(account=account, job=job, task=task, amount=int(amount), created_at=float(created_at))
+    elif kind == "grant":
+        record = Grant(account=account, amount=int(amount), key=ref, memo=memo, created_at=float(created_at))
+    else:
+        raise LedgerError(f"ledger entry seq {seq} has kind {kind!r}, which this version cannot read")
+    return Entry(int(seq), record)
 
 
-def _append(conn: sqlite3.Connection, credits: Sequence[Credit]) -> int:
+def _append(conn: sqlite3.Connection, records: Sequence[LedgerRecord]) -> int:
     # IMMEDIATE takes the write lock at BEGIN, so a busy database fails here, before any work.
     conn.execute("BEGIN IMMEDIATE")
     try:
-        added = insert_credits(conn, credits)
+        added = insert_entries(conn, records)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:  # some errors (disk full) have already rolled back
@@ -135,7 +215,7 @@ class SQLiteLedgerStore(LedgerStore):
 
     One connection, used only from one dedicated thread: sqlite3 blocks the caller, and plain
     sqlite3 in its own thread measured 63.6k rows/s committing each row and 580k/s batched, against
-    5.3k/s for aiosqlite (DESIGN.md §11). `append` is one transaction, one commit: batch credits.
+    5.3k/s for aiosqlite (DESIGN.md §11). `append` is one transaction, one commit: batch records.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -158,8 +238,8 @@ class SQLiteLedgerStore(LedgerStore):
             raise
         return store
 
-    async def append(self, credits: Sequence[Credit]) -> int:
-        batch = list(credits)  # the caller may mutate its sequence while the thread runs
+    async def append(self, records: Sequence[LedgerRecord]) -> int:
+        batch = list(records)  # the caller may mutate its sequence while the thread runs
         return await self._run(lambda conn: _append(conn, batch))
 
     async def size(self) -> int:
@@ -173,6 +253,12 @@ class SQLiteLedgerStore(LedgerStore):
 
     async def history(self, node: str) -> list[Entry]:
         return await self._run(lambda conn: read_history(conn, node))
+
+    async def account_balance(self, account: str) -> int:
+        return await self._run(lambda conn: read_account_balance(conn, account))
+
+    async def account_history(self, account: str) -> list[Entry]:
+        return await self._run(lambda conn: read_account_history(conn, account))
 
     async def close(self) -> None:
         if self._closed:

@@ -11,25 +11,30 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from types import TracebackType
 
-from .entries import Balances, Credit, Entry, balances_of
+from .entries import SIGNS, Balances, Credit, Entry, LedgerRecord, UniqueKey, balances_of
 from .errors import StoreClosed
 
 
 class LedgerStore(ABC):
-    """An append-only log of credits, numbered from 1 without gaps.
+    """An append-only log of typed records (credits, charges, grants), numbered from 1 without gaps
+    over all kinds.
 
-    Exactly once: a (task, node) pair is credited at most once, whatever the number of calls,
-    restarts or concurrent callers; a second credit for a pair already present is ignored, even
-    if its amount differs (the first one written stands). Nothing is ever updated or deleted.
+    Exactly once, by one key per record (`unique_key`): a credit per (task, node), a charge per
+    task, a grant per caller-given key. A record whose key is already in the log is ignored, whatever
+    the number of calls, restarts or concurrent callers, even if its other fields differ (the first
+    one written stands). Nothing is ever updated or deleted.
+
+    The store does not check that a task's charge equals its credits: the caller builds both
+    (`entries.charge_for`) and appends them in one call; `ledger.verify` checks the result.
 
     Using a store after `close()` raises `StoreClosed`; a failing database raises `StorageError`.
     A store is an async context manager that closes on exit.
     """
 
     @abstractmethod
-    async def append(self, credits: Sequence[Credit]) -> int:
-        """Append credits in the given order, all or none. Returns how many were new: pairs already
-        in the log, and repeats within `credits`, are skipped and take no seq number."""
+    async def append(self, records: Sequence[LedgerRecord]) -> int:
+        """Append records in the given order, all or none. Returns how many were new: keys already
+        in the log, and repeats within `records`, are skipped and take no seq number."""
 
     @abstractmethod
     async def size(self) -> int:
@@ -41,12 +46,22 @@ class LedgerStore(ABC):
 
     @abstractmethod
     async def balances(self) -> Balances:
-        """Per (node, owner) and per owner sums, and totals, over the whole log, as one snapshot.
-        Rows are sorted by credits descending, then by name."""
+        """Per (node, owner) and per owner sums of credits, per account sums of every kind, and
+        totals, over the whole log, as one snapshot. Rows are sorted by amount (credits, balance)
+        descending, then by name."""
 
     @abstractmethod
     async def history(self, node: str) -> list[Entry]:
-        """Every entry crediting `node`, in ascending seq; [] for a node never credited."""
+        """Every credit entry paying `node`, in ascending seq; [] for a node never credited."""
+
+    @abstractmethod
+    async def account_balance(self, account: str) -> int:
+        """granted + earned - spent for `account` (0 for an account without entries). Cheap: the
+        coordinator asks it on every job submission."""
+
+    @abstractmethod
+    async def account_history(self, account: str) -> list[Entry]:
+        """Every entry of `account` (credits to it, charges to it, grants to it), in ascending seq."""
 
     @abstractmethod
     async def close(self) -> None:
@@ -69,20 +84,26 @@ class InMemoryLedgerStore(LedgerStore):
 
     def __init__(self) -> None:
         self._log: list[Entry] = []
-        self._keys: set[tuple[str, str]] = set()
+        self._keys: set[UniqueKey] = set()
         self._by_node: dict[str, list[Entry]] = {}
+        self._by_account: dict[str, list[Entry]] = {}
+        self._balance: dict[str, int] = {}
         self._closed = False
 
-    async def append(self, credits: Sequence[Credit]) -> int:
+    async def append(self, records: Sequence[LedgerRecord]) -> int:
         self._check_open()
         added = 0
-        for credit in credits:
-            if credit.key in self._keys:
+        for record in records:
+            if record.unique_key in self._keys:
                 continue
-            entry = Entry(len(self._log) + 1, credit)
+            entry = Entry(len(self._log) + 1, record)
             self._log.append(entry)
-            self._keys.add(credit.key)
-            self._by_node.setdefault(credit.node, []).append(entry)
+            self._keys.add(record.unique_key)
+            if isinstance(record, Credit):
+                self._by_node.setdefault(record.node, []).append(entry)
+            self._by_account.setdefault(record.account, []).append(entry)
+            self._balance[record.account] = self._balance.get(record.account, 0) \
+                + SIGNS[record.kind] * record.amount
             added += 1
         return added
 
@@ -104,6 +125,14 @@ class InMemoryLedgerStore(LedgerStore):
     async def history(self, node: str) -> list[Entry]:
         self._check_open()
         return list(self._by_node.get(node, ()))
+
+    async def account_balance(self, account: str) -> int:
+        self._check_open()
+        return self._balance.get(account, 0)
+
+    async def account_history(self, account: str) -> list[Entry]:
+        self._check_open()
+        return list(self._by_account.get(account, ()))
 
     async def close(self) -> None:
         self._closed = True

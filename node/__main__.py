@@ -34,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coordinator HTTP API (default %(default)s)")
     p.add_argument("--key", type=Path, default=default_key_path(), metavar="PATH",
                    help="node key file, created with mode 0600 if absent (default %(default)s)")
-    p.add_argument("--owner", default=default_owner(), help="who gets the credit (default: $USER)")
+    p.add_argument("--owner", default=default_owner(),
+                   help="the account that gets the credit (default: $USER); on an open coordinator it is "
+                        "registered on first use with a key kept beside the node key")
+    p.add_argument("--owner-key", type=Path, default=None, metavar="PATH",
+                   help="the owner account's key (default: owner-<OWNER>.key beside --key, created if absent)")
+    p.add_argument("--cert", type=Path, default=None, metavar="FILE",
+                   help="a certificate from the owner (sparecycles owner certify NODE_PUBKEY); no owner key needed")
     p.add_argument("--slots", type=int, default=default_slots(),
                    help="tasks run at once, one core each (default: all %(default)s cores)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), metavar="DIR",
@@ -55,7 +61,9 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
                         key_path=args.key.expanduser(), owner=args.owner, slots=args.slots,
                         cache_dir=args.cache_dir.expanduser(),
                         cache_quota_bytes=args.cache_quota_mb * 1024 * 1024, prefetch=args.prefetch,
-                        drain_seconds=args.drain_seconds)
+                        drain_seconds=args.drain_seconds,
+                        owner_key_path=None if args.owner_key is None else args.owner_key.expanduser(),
+                        cert_path=None if args.cert is None else args.cert.expanduser())
 
 
 async def _serve(settings: NodeSettings) -> int:

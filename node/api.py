@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import msgpack
+from yarl import URL
 
 from protocol import PROTOCOL_VERSION
 from protocol.errors import PeerError
@@ -18,6 +19,7 @@ from protocol.topics import Topics
 
 from .errors import CoordinatorUnavailable, TaskFailed
 from .logs import kv
+from .membership import RequestSigner
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +122,12 @@ def decode_tensor_blob(body: bytes, expected_digest: str) -> dict[str, Tensor]:
 
 
 async def get_inputs(session: aiohttp.ClientSession, base_url: str, digest: str, lease: str, *,
-                     max_bytes: int) -> dict[str, Tensor]:
+                     max_bytes: int, signer: RequestSigner | None = None) -> dict[str, Tensor]:
     url = f"{base_url}/v1/blobs/{digest}"
+    target = URL(url).with_query(lease=lease)
+    headers = signer.headers("GET", target) if signer is not None else None
     try:
-        async with session.get(url, params={"lease": lease}) as resp:
+        async with session.get(target, headers=headers) as resp:
             if resp.status != 200:
                 text = (await resp.text(errors="replace"))[:200]
                 raise TaskFailed(f"GET {url}: HTTP {resp.status} {text}", transient=resp.status >= 500)
@@ -140,11 +144,14 @@ async def get_inputs(session: aiohttp.ClientSession, base_url: str, digest: str,
 
 
 async def put_outputs(session: aiohttp.ClientSession, base_url: str, digest: str, lease: str,
-                      body: bytes) -> None:
+                      body: bytes, *, signer: RequestSigner | None = None) -> None:
     url = f"{base_url}/v1/blobs/{digest}"
+    target = URL(url).with_query(lease=lease)
+    headers = {"Content-Type": "application/x-msgpack"}
+    if signer is not None:
+        headers.update(signer.headers("PUT", target, body))
     try:
-        async with session.put(url, params={"lease": lease}, data=body,
-                               headers={"Content-Type": "application/x-msgpack"}) as resp:
+        async with session.put(target, data=body, headers=headers) as resp:
             if resp.status not in (200, 201, 204):
                 text = (await resp.text(errors="replace"))[:200]
                 raise TaskFailed(f"PUT {url}: HTTP {resp.status} {text}", transient=resp.status >= 500)

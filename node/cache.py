@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 import aiohttp
+from yarl import URL
 
 from protocol.digests import is_sha256_hex
 
 from .errors import CacheError
 from .logs import kv
+from .membership import RequestSigner
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class ModelCache:
     """Models by sha256. `fetch()` downloads at most once per digest however many tasks ask."""
 
     def __init__(self, directory: Path, *, session: aiohttp.ClientSession, base_url: str, quota_bytes: int,
-                 validate: Callable[[Path], None] | None = None) -> None:
+                 validate: Callable[[Path], None] | None = None, signer: RequestSigner | None = None) -> None:
         """`validate(path)` runs (in a thread) on a downloaded file whose digest matched, before it
         is renamed into the cache; it raises to refuse the file (see `node.modelcheck`)."""
         self.directory = directory
@@ -56,6 +58,7 @@ class ModelCache:
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._validate = validate
+        self._signer = signer
         self._entries: OrderedDict[str, int] = OrderedDict()  # digest -> size, least recent first
         self._pins: Counter[str] = Counter()
         self._inflight: dict[str, asyncio.Task[Path]] = {}
@@ -167,7 +170,9 @@ class ModelCache:
         hasher = hashlib.sha256()
         size = 0
         try:
-            async with self._session.get(url) as resp:
+            target = URL(url)
+            headers = self._signer.headers("GET", target) if self._signer is not None else None
+            async with self._session.get(target, headers=headers) as resp:
                 if resp.status != 200:
                     text = (await resp.text(errors="replace"))[:200]
                     raise CacheError(f"GET {url}: HTTP {resp.status} {text}", transient=resp.status >= 500)

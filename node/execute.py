@@ -24,6 +24,7 @@ from . import api
 from .cache import ModelCache
 from .errors import NodeError, TaskFailed
 from .logs import kv
+from .membership import RequestSigner
 from .runner import Runner
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ class Pipeline:
 
     def __init__(self, *, cache: ModelCache, runner: Runner, http: aiohttp.ClientSession, base_url: str,
                  inline_limit: int, max_blob_bytes: int, fetch_attempts: int = 3,
-                 output_filter: OutputFilter | None = None, clock: Callable[[], float] = time.time) -> None:
+                 output_filter: OutputFilter | None = None, clock: Callable[[], float] = time.time,
+                 signer: RequestSigner | None = None) -> None:
         self._cache = cache
+        self._signer = signer
         self._runner = runner
         self._http = http
         self._base_url = base_url
@@ -86,7 +89,8 @@ class Pipeline:
     async def _inputs(self, a: Assignment) -> dict[str, Tensor]:
         if a.inputs is None:
             return await self._retry("inputs", lambda: api.get_inputs(
-                self._http, self._base_url, a.input_digest, a.lease, max_bytes=self._max_blob_bytes))
+                self._http, self._base_url, a.input_digest, a.lease, max_bytes=self._max_blob_bytes,
+                signer=self._signer))
         if digest_tensors(a.inputs) != a.input_digest:
             raise TaskFailed("inline inputs do not hash to the assignment's input_digest")
         return dict(a.inputs)
@@ -110,7 +114,7 @@ class Pipeline:
         if not inline:
             packed = encode_tensor_map(tensors)
             await self._retry("outputs", lambda: api.put_outputs(
-                self._http, self._base_url, digest, a.lease, packed))
+                self._http, self._base_url, digest, a.lease, packed, signer=self._signer))
         if log.isEnabledFor(logging.DEBUG):  # not built per task unless someone reads it
             log.debug(kv("task_done", task=a.task, lease=a.lease, elapsed=round(outcome.elapsed, 6),
                          output=digest[:12], inline=inline))

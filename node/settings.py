@@ -83,6 +83,11 @@ class NodeSettings:
     """Tries for a model or input download before the task is reported as failed."""
     sessions_per_thread: int = 4
     """ONNX Runtime sessions each slot thread keeps warm (least recently used dropped first)."""
+    owner_key_path: Path | None = None
+    """The owner account's key, used to certify this node. None: `owner-<owner>.key` beside the node
+    key, created (and registered as the account `owner`) if absent."""
+    cert_path: Path | None = None
+    """A certificate the owner made elsewhere (`sparecycles owner certify`): no owner key needed."""
 
     def __post_init__(self) -> None:
         parse_broker_url(self.broker_url)
@@ -103,6 +108,10 @@ class NodeSettings:
             raise ValueError("reconnect backoff needs 0 < min <= max")
         if self.fetch_attempts < 1 or self.sessions_per_thread < 1:
             raise ValueError("fetch_attempts and sessions_per_thread must be at least 1")
+
+    @property
+    def owner_key(self) -> Path:
+        return self.owner_key_path or self.key_path.parent / f"owner-{self.owner}.key"
 
     @property
     def capacity(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -30,6 +31,7 @@ from .cache import ModelCache
 from .execute import NotRun, OutputFilter, Pipeline, failed
 from .link import BrokerLink, new_client
 from .logs import kv
+from .membership import Registration, RequestSigner, join
 from .modelcheck import check_model
 from .outbox import Outbox, publish
 from .runner import Runner, runtime_fingerprint
@@ -60,12 +62,24 @@ async def run_node(settings: NodeSettings, *, stop: asyncio.Event | None = None,
         if info is None:
             log.info(kv("node_stopped", id=identity.id, reason="stopped before the coordinator answered"))
             return
+        signer = RequestSigner(identity, info.coordinator)
+        registration = await join(http, settings.coordinator_base, info.coordinator, identity, owner=settings.owner,
+                                  owner_key=settings.owner_key, cert_path=settings.cert_path, stop=stop,
+                                  backoff_min=settings.reconnect_min_seconds,
+                                  backoff_max=settings.reconnect_max_seconds)
+        if registration is None:
+            log.info(kv("node_stopped", id=identity.id, reason="stopped before the coordinator registered it"))
+            return
+        log.info(kv("registered", id=identity.id, owner=registration.owner,
+                    certificate_expires=round(registration.expires_at),
+                    broker_login="per-node" if registration.mqtt_username else "none"))
         runner = Runner(settings.slots, sessions_per_thread=settings.sessions_per_thread)
         cache = ModelCache(settings.cache_dir, session=http, base_url=settings.coordinator_base,
-                           quota_bytes=settings.cache_quota_bytes, validate=check_model)
+                           quota_bytes=settings.cache_quota_bytes, validate=check_model, signer=signer)
         try:
             node = Node(settings, identity, info, http=http, cache=cache, runner=runner,
-                        output_filter=output_filter, on_ready=on_ready)
+                        output_filter=output_filter, on_ready=on_ready, signer=signer,
+                        registration=registration)
             await node.run(stop)
         finally:
             await cache.close()
@@ -76,8 +90,10 @@ class Node:
     def __init__(self, settings: NodeSettings, identity: Identity, info: CoordinatorInfo, *,
                  http: aiohttp.ClientSession, cache: ModelCache, runner: Runner,
                  output_filter: OutputFilter | None = None,
-                 on_ready: Callable[[str], None] | None = None) -> None:
+                 on_ready: Callable[[str], None] | None = None, signer: RequestSigner | None = None,
+                 registration: Registration | None = None) -> None:
         self.settings = settings
+        self.registration = registration
         self.identity = identity
         self.id = identity.id
         self.info = info
@@ -89,7 +105,7 @@ class Node:
             inline_limit=batching.inline_limit(max_inline_bytes=info.max_inline_bytes,
                                                max_message_bytes=info.max_message_bytes),
             max_blob_bytes=settings.max_blob_bytes, fetch_attempts=settings.fetch_attempts,
-            output_filter=output_filter)
+            output_filter=output_filter, signer=signer)
         self.counters: Counter[str] = Counter()
         self.outbox = Outbox(identity=identity, topics=self.topics, runtime=self.runtime,
                              max_message_bytes=info.max_message_bytes, counters=self.counters)
@@ -178,6 +194,10 @@ class Node:
     async def _connection_loop(self) -> None:
         delay = self.settings.reconnect_min_seconds
         broker = self.settings.broker
+        if self.registration is not None and self.registration.mqtt_username is not None:
+            # The coordinator provisioned a login for this node: it may write only its own topics.
+            broker = dataclasses.replace(broker, username=self.registration.mqtt_username,
+                                         password=self.registration.mqtt_password)
         while True:
             try:
                 # Each connection has its own `since`; its Will is signed now, for the broker to

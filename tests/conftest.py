@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +49,17 @@ def mosquitto_binary() -> str:
     if IN_CI:
         pytest.fail("mosquitto is not installed: .ci/run installs it with apt-get install mosquitto")
     pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI fails instead of skipping")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The CLI keeps the user's account key in a config directory; tests (and the CLI processes
+    they start, which inherit the environment) use a private one, never the real home's."""
+    path = tmp_path_factory.mktemp("sparecycles-config")
+    before = os.environ.get("SPARECYCLES_CONFIG_DIR")
+    os.environ["SPARECYCLES_CONFIG_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("SPARECYCLES_CONFIG_DIR", None)
+    else:
+        os.environ["SPARECYCLES_CONFIG_DIR"] = before

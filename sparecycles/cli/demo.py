@@ -25,10 +25,12 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from protocol.signing import Identity
 from sparecycles.errors import SparecyclesError
 from sparecycles.progress import ProgressReporter
 from sparecycles.sdk import Client
 
+from .accounts import ensure_account
 from .processes import ManagedProcess, ProcessError, ProcessGroup, free_port
 from .workloads import Workload, accuracy, digits_mlp, predicted_labels, run_onnx
 
@@ -195,8 +197,11 @@ async def watch(group: ProcessGroup, replicas: int) -> None:
 # -- the job ---------------------------------------------------------------------------------------
 
 
-async def run_job(url: str, workload: Workload, settings: DemoSettings) -> JobReport:
-    async with Client(url) as client:
+async def run_job(url: str, workload: Workload, settings: DemoSettings, key: Path) -> JobReport:
+    # The demo's submitter is an account like any other: a key of its own, registered on first use,
+    # paying for the job out of the open coordinator's starting grant.
+    async with Client(url, identity=Identity.load_or_create(key)) as client:
+        await ensure_account(client, "demo-submitter")
         digest = await client.ensure_model(workload.model)
         say(f"[5/6] submitting {workload.rows} rows (model sha256 {digest[:12]}…) in tasks of "
             f"{settings.task_size} rows, each verified by {settings.replicas} nodes of different owners")
@@ -213,11 +218,11 @@ async def run_job(url: str, workload: Workload, settings: DemoSettings) -> JobRe
 
 
 async def run_job_watched(
-    group: ProcessGroup, url: str, workload: Workload, settings: DemoSettings
+    group: ProcessGroup, url: str, workload: Workload, settings: DemoSettings, key: Path
 ) -> JobReport:
     async with asyncio.TaskGroup() as tasks:
         watcher = tasks.create_task(watch(group, settings.replicas))
-        job = tasks.create_task(run_job(url, workload, settings))
+        job = tasks.create_task(run_job(url, workload, settings, key))
         await asyncio.wait([job], return_when=asyncio.FIRST_COMPLETED)
         watcher.cancel()
     return job.result()
@@ -301,7 +306,8 @@ def run(settings: DemoSettings, workdir: Path) -> None:
             nodes = start_nodes(group, settings.nodes, broker_url, coordinator_url, workdir)
             workload = build_workload(settings.seed)  # trains while the nodes start up
             wait_for_nodes(nodes)
-            report = asyncio.run(run_job_watched(group, coordinator_url, workload, settings))
+            report = asyncio.run(run_job_watched(group, coordinator_url, workload, settings,
+                                                 workdir / "submitter.key"))
             check_outputs(workload, report)
             print_balances(report.balances)
         finally:

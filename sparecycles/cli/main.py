@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+from protocol.signing import Identity
 from sparecycles.errors import (
     BadNpz,
     CoordinatorUnavailable,
@@ -31,9 +32,12 @@ from sparecycles.errors import (
     SparecyclesError,
     WaitTimeout,
 )
+from sparecycles.identity import default_key_path, load_or_create_key
 from sparecycles.npz import from_npz, to_npz
 from sparecycles.progress import ProgressReporter
 from sparecycles.sdk import Client
+
+from . import accounts as accounts_cli
 
 ENV_COORDINATOR = "SPARECYCLES_COORDINATOR"
 DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
@@ -124,11 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--final", choices=["argmax", "exact", "none"], help="how results are compared")
     submit.add_argument("--timeout", type=_positive_float, metavar="S", help="stop waiting after S seconds")
     submit.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="where to write the outputs")
+    _add_account_key(submit)
+    submit.add_argument("--as", dest="account_name", default=None, metavar="NAME",
+                        help="the account name to register on first use (default: your login name)")
 
     status = sub.add_parser("status", help="show a job's state and progress")
     status.add_argument("job", metavar="JOB")
     _add_coordinator(status)
     status.add_argument("--json", action="store_true", help="print the coordinator's JSON")
+    _add_account_key(status)
+    status.add_argument("--token", default=None, metavar="READ_TOKEN",
+                        help="the job's read token (from submit), instead of the submitter's key")
 
     ledger = sub.add_parser("ledger", help="credits earned by nodes and owners")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="LEDGER_COMMAND")
@@ -141,7 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true", help="print the coordinator's JSON")
     verify = ledger_sub.add_parser("verify", help="check the ledger against the accepted results")
     _add_coordinator(verify)
+    accounts_cli.add_parsers(sub, _add_coordinator)
     return parser
+
+
+def _add_account_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key", type=Path, default=None, metavar="PATH",
+                        help=f"your account key, created (mode 0600) and registered on first use "
+                             f"(default {default_key_path()})")
 
 
 # -- entry point -----------------------------------------------------------------------------------
@@ -162,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             return forward(args.command, args.args)
         if args.command == "ledger" and args.ledger_command is None:
             raise CliExit(EXIT_USAGE, "say which: `sparecycles ledger balances|history NODE|verify`")
+        for group, attr, choices in GROUPS:
+            if args.command == group and getattr(args, attr) is None:
+                raise CliExit(EXIT_USAGE, f"say which: `sparecycles {group} {choices}`")
+        if args.command in ACCOUNT_COMMANDS:
+            return ACCOUNT_COMMANDS[args.command](args)
         return COMMANDS[args.ledger_command if args.command == "ledger" else args.command](args)
     except CliExit as exc:
         if exc.message:
@@ -197,11 +219,12 @@ def forward(command: str, argv: Sequence[str]) -> int:
 # -- client commands -------------------------------------------------------------------------------
 
 
-def _run(url: str, action: Callable[[Client], Awaitable[T]]) -> T:
-    """Run `action` with a client for `url`; expected failures become `CliExit` with advice."""
+def _run(url: str, action: Callable[[Client], Awaitable[T]], *, identity: Identity | None = None) -> T:
+    """Run `action` with a client for `url` (signing with `identity`); expected failures become
+    `CliExit` with advice."""
 
     async def go() -> T:
-        async with Client(url) as client:
+        async with Client(url, identity=identity) as client:
             return await action(client)
 
     try:
@@ -263,7 +286,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
 
+    identity = _account_key(args.key)
+
     async def action(client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
+        await accounts_cli.ensure_account(client, args.account_name)
         digest = await client.ensure_model(model)
         job = await client.submit(digest, inputs, replicas=args.replicas, task_size=args.task_size,
                                   final=args.final)
@@ -271,7 +297,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             await client.wait(str(job["job"]), on_progress=report, timeout=args.timeout)
         return job, await client.outputs(str(job["job"]))
 
-    job, outputs = _run(args.coordinator, action)
+    job, outputs = _run(args.coordinator, action, identity=identity)
     _write_replacing(out, to_npz(outputs))
     seconds = time.monotonic() - started
     print(f"job {job['job']}: {job.get('rows')} rows in {job.get('tasks')} tasks, {seconds:.1f} s -> {out}",
@@ -291,7 +317,8 @@ def _write_replacing(path: Path, data: bytes) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    st = _run(args.coordinator, lambda c: c.status(args.job))
+    identity = None if args.token else _account_key(args.key)
+    st = _run(args.coordinator, lambda c: c.status(args.job, read_token=args.token), identity=identity)
     if args.json:
         print(json.dumps(st))
         return EXIT_OK
@@ -318,8 +345,16 @@ def _cmd_balances(args: argparse.Namespace) -> int:
     _print_table("nodes", ["node", "owner", "credits", "entries"], nodes)
     print()
     _print_table("owners", ["owner", "credits", "entries"], owners)
+    accounts = balances.get("accounts")
+    if accounts is not None:  # a coordinator from before the double-entry ledger sends none
+        columns = ["account", "granted", "earned", "spent", "balance"]
+        print()
+        _print_table("accounts", columns, [[a.get(k) for k in columns] for a in accounts or []])
+    print()
+    if accounts is not None:
+        print(f"granted: {_fmt(balances.get('total_granted'))} credits in all, {len(accounts or [])} accounts")
     total, count = _fmt(balances.get("total_credits")), _fmt(balances.get("entries"))
-    print(f"\ntotal: {total} credits in {count} entries")
+    print(f"total: {total} credits in {count} entries")
     return EXIT_OK
 
 
@@ -354,6 +389,44 @@ def _cmd_verify(args: argparse.Namespace) -> int:
           f"{len(balances.get('nodes') or [])} nodes")
     return EXIT_OK
 
+
+def _account_key(path: Path | None) -> Identity:
+    try:
+        return load_or_create_key(path)
+    except SparecyclesError as exc:
+        raise CliExit(EXIT_USAGE, str(exc)) from exc
+
+
+def _cmd_key(args: argparse.Namespace) -> int:
+    return accounts_cli.cmd_key(args)
+
+
+def _cmd_owner(args: argparse.Namespace) -> int:
+    return accounts_cli.cmd_certify(args, lambda message: CliExit(EXIT_USAGE, message))
+
+
+def _cmd_account(args: argparse.Namespace) -> int:
+    answer = _run(args.coordinator, lambda c: accounts_cli.account_action(args, c), identity=_account_key(args.key))
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        accounts_cli.print_account(answer)
+    return EXIT_OK
+
+
+def _cmd_admin(args: argparse.Namespace) -> int:
+    answer = _run(args.coordinator, lambda c: accounts_cli.admin_action(args, c), identity=_account_key(args.key))
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        accounts_cli.print_admin(args.admin_command, answer)
+    return EXIT_OK
+
+
+ACCOUNT_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "key": _cmd_key, "owner": _cmd_owner, "account": _cmd_account, "admin": _cmd_admin}
+GROUPS = (("owner", "owner_command", "certify NODE"), ("account", "account_command", "register NAME|show"),
+          ("admin", "admin_command", "accounts|add|block|unblock|grant|invite"))
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": _cmd_submit,

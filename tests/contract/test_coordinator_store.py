@@ -15,13 +15,15 @@ from coordinator.records import (
     LeaseClosed,
     LeaseIssued,
     LeaseRecord,
+    Op,
     ResultRecorded,
     TaskDecided,
 )
 from coordinator.scheduler import JobState, TaskState
 from coordinator.store import CoordinatorStore
 from coordinator.store_factory import open_store
-from ledger.entries import Credit
+from ledger.entries import Credit, Grant, charge_for
+from ledger.errors import InvalidEntry
 
 META = {"model": "a" * 64, "flops_per_row": 10,
         "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 2]}],
@@ -35,9 +37,9 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await s.close()
 
 
-def new_job():  # type: ignore[no-untyped-def]
+def new_job(submitter: str = ""):  # type: ignore[no-untyped-def]
     return plan_job(META, {"x": np.ones((4, 2), dtype=np.float32)},
-                    JobOptions(replicas=2, task_size=2, max_results=None, final="argmax"),
+                    JobOptions(replicas=2, task_size=2, max_results=None, final="argmax", submitter=submitter),
                     now_wall=1.0, max_inline_bytes=1 << 20)
 
 
@@ -46,10 +48,19 @@ def lease(lid: str, task: str, job: str, node: str) -> LeaseRecord:
                        expires_at=100.0, deadline=0.0)
 
 
-def verdict(task: str, job: str, leases: tuple[str, ...]) -> TaskDecided:
+def verdict(task: str, job: str, leases: tuple[str, ...], *, submitter: str = "") -> TaskDecided:
     credits = tuple(Credit(node=f"n{i}", owner=f"owner-n{i}", job=job, task=task, amount=5,
                            result_digest="d" * 64, created_at=2.0) for i in (1, 2))
-    return TaskDecided(task, TaskState.VERIFIED, "d" * 64, None, leases, credits)
+    charge = charge_for(credits, account=submitter, created_at=2.0) if submitter else None
+    return TaskDecided(task, TaskState.VERIFIED, "d" * 64, None, leases, credits, charge)
+
+
+def accepted_ops(task: str, job: str) -> list[Op]:
+    """Two nodes of two owners lease, run and report `task` with the same outputs."""
+    return [LeaseIssued(lease(f"{task}-l1", task, job, "n1")), LeaseIssued(lease(f"{task}-l2", task, job, "n2")),
+            ResultRecorded(f"{task}-l1", task, "n1", "owner-n1", "d" * 64, None, 2.0),
+            ResultRecorded(f"{task}-l2", task, "n2", "owner-n2", "d" * 64, None, 2.0),
+            LeaseClosed(f"{task}-l1", "reported"), LeaseClosed(f"{task}-l2", "reported")]
 
 
 async def test_models_and_blobs_are_content_addressed_and_idempotent(store: CoordinatorStore) -> None:
@@ -159,3 +170,59 @@ async def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
         assert len((await s2.load()).tasks) == 1
     finally:
         await s2.close()
+
+
+# --- the double entry: grants, charges, accounts ----------------------------------------------
+
+
+async def test_a_verdict_charges_its_submitter_once_with_its_credits(store: CoordinatorStore) -> None:
+    # Attack: a replayed verdict (a retried batch, a restart) must neither pay nor charge twice.
+    job, tasks, blobs = new_job(submitter="dave")
+    jid, t0 = job.spec.id, tasks[0].id
+    await store.create_job(job, tasks, blobs)
+    assert await store.grant("dave", 100, key="start:dave", memo="starting grant", created_at=1.0) is True
+
+    await store.apply([*accepted_ops(t0, jid), verdict(t0, jid, (f"{t0}-l1", f"{t0}-l2"), submitter="dave")])
+    await store.apply([verdict(t0, jid, (f"{t0}-l1", f"{t0}-l2"), submitter="dave")])
+
+    assert await store.account_balance("dave") == 90
+    assert [await store.account_balance(o) for o in ("owner-n1", "owner-n2", "nobody")] == [5, 5, 0]
+    assert [(e.seq, e.kind, e.amount) for e in await store.account_history("dave")] == [
+        (1, "grant", 100), (4, "charge", 10)]
+    balances = await store.ledger_balances()
+    assert balances.entries == 2 and balances.total_credits == 10
+    assert sum(a.balance for a in balances.accounts) == balances.total_granted == 100
+
+
+async def test_a_grant_under_a_used_key_adds_nothing(store: CoordinatorStore) -> None:
+    # Attack: replaying an operator's grant request, or re-registering to get the starting grant again.
+    first = await store.grant("dave", 100, key="start:acct-1", memo="", created_at=1.0)
+    again = await store.grant("dave", 1_000, key="start:acct-1", memo="again", created_at=2.0)
+
+    assert (first, again) == (True, False)
+    assert await store.account_balance("dave") == 100
+    [entry] = await store.account_history("dave")
+    assert entry.record == Grant(account="dave", amount=100, key="start:acct-1", memo="", created_at=1.0)
+
+
+async def test_an_invalid_grant_is_refused_before_it_reaches_the_ledger(store: CoordinatorStore) -> None:
+    for amount in (0, -5):
+        with pytest.raises(InvalidEntry):
+            await store.grant("dave", amount, key=f"bad{amount}", memo="", created_at=1.0)
+
+    assert await store.account_history("dave") == []
+
+
+async def test_accepted_results_name_their_jobs_submitter(store: CoordinatorStore) -> None:
+    # ledger verify needs the submitter to know who must have been charged for each verified task.
+    paid, paid_tasks, paid_blobs = new_job(submitter="dave")
+    free, free_tasks, free_blobs = new_job()
+    await store.create_job(paid, paid_tasks, paid_blobs)
+    await store.create_job(free, free_tasks, free_blobs)
+    p0, f0 = paid_tasks[0].id, free_tasks[0].id
+
+    await store.apply([*accepted_ops(p0, paid.spec.id), verdict(p0, paid.spec.id, (f"{p0}-l1",), submitter="dave"),
+                       *accepted_ops(f0, free.spec.id), verdict(f0, free.spec.id, (f"{f0}-l1",))])
+
+    rows = await store.accepted(0, 100)
+    assert [(r["task"], r["submitter"]) for r in rows] == [(p0, "dave"), (f0, "")]

@@ -7,13 +7,33 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ledger.entries import Balances, Credit, NodeBalance, OwnerBalance
+from ledger.entries import (
+    AccountBalance,
+    Balances,
+    Charge,
+    Credit,
+    Grant,
+    LedgerRecord,
+    NodeBalance,
+    OwnerBalance,
+    charge_for,
+)
 from ledger.errors import LedgerError, StorageError, StoreClosed
 from ledger.factory import open_ledger
-from ledger.sqlite import SQLiteLedgerStore, create_schema, insert_credits, read_entries, read_size
+from ledger.sqlite import (
+    SQLiteLedgerStore,
+    create_schema,
+    insert_entries,
+    read_account_balance,
+    read_entries,
+    read_size,
+)
 from ledger.store import InMemoryLedgerStore, LedgerStore
 
 DIGEST = "ab" * 32
@@ -94,7 +114,7 @@ async def test_the_first_credit_for_a_task_and_node_stands(ledger: LedgerStore) 
 
     # Assert
     [entry] = await ledger.entries()
-    assert entry.credit.amount == 5
+    assert entry.record.amount == 5
 
 
 async def test_one_task_credits_each_of_its_nodes(ledger: LedgerStore) -> None:
@@ -110,7 +130,7 @@ async def test_entries_keep_every_field(ledger: LedgerStore) -> None:
 
     [entry] = await ledger.entries()
     assert entry.seq == 1
-    assert entry.credit == original
+    assert entry.record == original
 
 
 async def test_seq_runs_from_one_without_gaps_despite_duplicates(ledger: LedgerStore) -> None:
@@ -124,7 +144,7 @@ async def test_seq_runs_from_one_without_gaps_despite_duplicates(ledger: LedgerS
 
     # Assert
     assert [e.seq for e in entries] == [1, 2, 3, 4]
-    assert [(e.credit.task, e.credit.node) for e in entries] == [("t1", "n1"), ("t1", "n2"), ("t2", "n1"),
+    assert [(e.record.task, e.record.node) for e in entries] == [("t1", "n1"), ("t1", "n2"), ("t2", "n1"),
                                                                   ("t3", "n1")]
     assert await ledger.size() == 4
 
@@ -137,7 +157,7 @@ async def test_concurrent_appends_are_numbered_without_gaps(ledger: LedgerStore)
     entries = await ledger.entries()
     assert sum(added) == len(entries) == 41  # t-1..t19 on n1, t0..t19 on n2
     assert [e.seq for e in entries] == list(range(1, 42))
-    assert len({(e.credit.task, e.credit.node) for e in entries}) == 41
+    assert len({(e.record.task, e.record.node) for e in entries}) == 41
 
 
 async def test_balances_per_node_and_owner_equal_the_sums_of_entries(ledger: LedgerStore) -> None:
@@ -157,6 +177,7 @@ async def test_balances_per_node_and_owner_equal_the_sums_of_entries(ledger: Led
                NodeBalance("n2", "alice", 4, 1)),
         owners=(OwnerBalance("alice", 17, 3), OwnerBalance("bob", 7, 2)),
         total_credits=24, entries=5,
+        accounts=(AccountBalance("alice", 0, 17, 0), AccountBalance("bob", 0, 7, 0)),
     )
 
 
@@ -177,7 +198,9 @@ async def test_balances_serialise_to_the_documented_json(ledger: LedgerStore) ->
 
     assert doc == {"nodes": [{"node": "n1", "owner": "alice", "credits": 2, "entries": 1}],
                    "owners": [{"owner": "alice", "credits": 2, "entries": 1}],
-                   "total_credits": 2, "entries": 1}
+                   "total_credits": 2, "entries": 1,
+                   "accounts": [{"account": "alice", "granted": 0, "earned": 2, "spent": 0, "balance": 2}],
+                   "total_granted": 0}
 
 
 async def test_history_lists_only_that_nodes_entries_in_seq_order(ledger: LedgerStore) -> None:
@@ -186,8 +209,8 @@ async def test_history_lists_only_that_nodes_entries_in_seq_order(ledger: Ledger
 
     history = await ledger.history("n1")
 
-    assert [(e.seq, e.credit.task) for e in history] == [(1, "t1"), (3, "t2"), (5, "t3")]
-    assert all(e.credit.node == "n1" for e in history)
+    assert [(e.seq, e.record.task) for e in history] == [(1, "t1"), (3, "t2"), (5, "t3")]
+    assert all(e.record.node == "n1" for e in history)
     assert await ledger.history("nobody") == []
 
 
@@ -212,8 +235,8 @@ async def test_entry_json_has_the_documented_keys(ledger: LedgerStore) -> None:
 
     [entry] = await ledger.entries()
 
-    assert entry.to_json() == {"seq": 1, "node": "n1", "owner": "alice", "job": "job-1", "task": "t1",
-                               "amount": 5, "result_digest": DIGEST, "created_at": 1_700_000_000.0}
+    assert entry.to_json() == {"seq": 1, "kind": "credit", "node": "n1", "owner": "alice", "job": "job-1",
+                               "task": "t1", "amount": 5, "result_digest": DIGEST, "created_at": 1_700_000_000.0}
 
 
 async def test_a_closed_store_refuses_work_and_closes_again_quietly(ledger: LedgerStore) -> None:
@@ -224,6 +247,187 @@ async def test_a_closed_store_refuses_work_and_closes_again_quietly(ledger: Ledg
     with pytest.raises(StoreClosed):
         await ledger.append([credit("t1", "n1")])
     await ledger.close()
+
+
+# --- the double entry: charges, grants, accounts ---------------------------------------------
+
+
+def grant(account: str, amount: int, *, key: str = "g1", memo: str = "welcome",
+          created_at: float = 1_700_000_000.0) -> Grant:
+    return Grant(account=account, amount=amount, key=key, memo=memo, created_at=created_at)
+
+
+def verified(task: str, submitter: str, paid: list[tuple[str, str]], *, amount: int = 5,
+             job: str = "job-1") -> list[Credit | Charge]:
+    """What the coordinator appends when a task is verified: a credit per (node, owner) and the
+    submitter's charge for their sum, in one call."""
+    credits = [credit(task, node, owner=owner, job=job, amount=amount) for node, owner in paid]
+    return [*credits, charge_for(credits, account=submitter, created_at=1_700_000_000.0)]
+
+
+async def test_entries_of_every_kind_keep_every_field(ledger: LedgerStore) -> None:
+    records = [grant("alice", 1_000, key="start:acct-1", memo="starting grant"),
+               *verified("t1", "alice", [("n1", "bob"), ("n2", "carol")], amount=7)]
+
+    await ledger.append(records)
+
+    entries = await ledger.entries()
+    assert [e.record for e in entries] == records
+    assert [e.kind for e in entries] == ["grant", "credit", "credit", "charge"]
+    assert entries[3].to_json() == {"seq": 4, "kind": "charge", "account": "alice", "job": "job-1", "task": "t1",
+                                    "amount": 14, "created_at": 1_700_000_000.0}
+    assert entries[0].to_json() == {"seq": 1, "kind": "grant", "account": "alice", "amount": 1_000,
+                                    "key": "start:acct-1", "memo": "starting grant", "created_at": 1_700_000_000.0}
+
+
+async def test_a_task_is_charged_once_whatever_the_repeats(ledger: LedgerStore) -> None:
+    # Attack: a replayed verdict (a redelivered batch, a restart) must not charge the submitter twice.
+    await ledger.append(verified("t1", "alice", [("n1", "bob"), ("n2", "carol")]))
+
+    again = await ledger.append(verified("t1", "alice", [("n1", "bob"), ("n2", "carol")]))
+    other_amount = await ledger.append([Charge(account="alice", job="job-1", task="t1", amount=99,
+                                               created_at=2.0)])
+
+    assert (again, other_amount) == (0, 0)
+    assert await ledger.account_balance("alice") == -10
+
+
+async def test_a_grant_under_a_key_already_used_adds_nothing(ledger: LedgerStore) -> None:
+    # Attack: a retried or replayed grant request must not grant twice, whatever its amount.
+    first = await ledger.append([grant("alice", 100, key="start:acct-1")])
+    again = await ledger.append([grant("alice", 100, key="start:acct-1"), grant("alice", 10**9, key="start:acct-1")])
+    other = await ledger.append([grant("alice", 5, key="op-7")])
+
+    assert (first, again, other) == (1, 0, 1)
+    assert await ledger.account_balance("alice") == 105
+
+
+async def test_keys_of_different_kinds_never_collide(ledger: LedgerStore) -> None:
+    # A charge for t1, a credit for (t1, n1) and a grant whose key is "t1" are three entries.
+    added = await ledger.append([credit("t1", "n1"), Charge(account="bob", job="job-1", task="t1", amount=5,
+                                                             created_at=1.0), grant("carol", 3, key="t1")])
+
+    assert added == 3
+
+
+async def test_seq_runs_from_one_without_gaps_over_every_kind_despite_repeats(ledger: LedgerStore) -> None:
+    await ledger.append([grant("alice", 100, key="a"), *verified("t1", "alice", [("n1", "bob")])])
+    await ledger.append([grant("alice", 100, key="a"), *verified("t1", "alice", [("n1", "bob")]),
+                         *verified("t2", "alice", [("n2", "carol")])])
+    await ledger.append([grant("bob", 1, key="b"), grant("bob", 1, key="b")])
+
+    entries = await ledger.entries()
+
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5, 6]
+    assert [e.kind for e in entries] == ["grant", "credit", "charge", "credit", "charge", "grant"]
+    assert await ledger.size() == 6
+
+
+async def test_account_balance_is_granted_plus_earned_minus_spent(ledger: LedgerStore) -> None:
+    # Prepare: alice is granted 100 and pays for t1, which bob's and carol's nodes ran; bob also
+    # submits t2, which alice's node ran.
+    await ledger.append([grant("alice", 100, key="a"), grant("bob", 50, key="b")])
+    await ledger.append(verified("t1", "alice", [("n1", "bob"), ("n2", "carol")], amount=10))
+    await ledger.append(verified("t2", "bob", [("n3", "alice")], amount=4))
+
+    # Execute
+    balances = [await ledger.account_balance(a) for a in ("alice", "bob", "carol", "nobody")]
+    rows = (await ledger.balances()).accounts
+
+    # Assert
+    assert balances == [100 - 20 + 4, 50 + 10 - 4, 10, 0]
+    assert rows == (AccountBalance("alice", 100, 4, 20), AccountBalance("bob", 50, 10, 4),
+                    AccountBalance("carol", 0, 10, 0))
+    assert sum(r.balance for r in rows) == 150 == (await ledger.balances()).total_granted
+
+
+async def test_the_contributors_view_counts_credit_entries_only(ledger: LedgerStore) -> None:
+    await ledger.append([grant("alice", 100, key="a"), *verified("t1", "alice", [("n1", "bob")], amount=3)])
+
+    balances = await ledger.balances()
+
+    assert (balances.total_credits, balances.entries) == (3, 1)
+    assert balances.nodes == (NodeBalance("n1", "bob", 3, 1),)
+    assert balances.owners == (OwnerBalance("bob", 3, 1),)
+    assert balances.to_json()["accounts"] == [
+        {"account": "alice", "granted": 100, "earned": 0, "spent": 3, "balance": 97},
+        {"account": "bob", "granted": 0, "earned": 3, "spent": 0, "balance": 3}]
+    assert balances.to_json()["total_granted"] == 100
+
+
+async def test_account_history_lists_every_kind_of_that_account_in_seq_order(ledger: LedgerStore) -> None:
+    await ledger.append([grant("alice", 100, key="a"), *verified("t1", "alice", [("n1", "bob")])])
+    await ledger.append([*verified("t2", "bob", [("n2", "alice")]), grant("alice", 1, key="b")])
+
+    history = await ledger.account_history("alice")
+
+    assert [(e.seq, e.kind) for e in history] == [(1, "grant"), (3, "charge"), (4, "credit"), (6, "grant")]
+    assert sum(e.delta for e in history) == await ledger.account_balance("alice") == 100 - 5 + 5 + 1
+    assert await ledger.account_history("nobody") == []
+
+
+async def test_a_nodes_history_holds_its_credits_only(ledger: LedgerStore) -> None:
+    await ledger.append([grant("alice", 100, key="a"), *verified("t1", "alice", [("n1", "bob")])])
+
+    assert [e.kind for e in await ledger.history("n1")] == ["credit"]
+    assert await ledger.history("") == []  # charges and grants name no node
+
+
+async def test_self_dealing_mints_nothing(ledger: LedgerStore) -> None:
+    # Attack: mallory submits jobs that only her own nodes run. She pays what her nodes earn.
+    await ledger.append([grant("mallory", 100, key="m")])
+    for i in range(5):
+        await ledger.append(verified(f"t{i}", "mallory", [("m1", "mallory"), ("m2", "mallory")], amount=50))
+
+    balances = await ledger.balances()
+
+    assert await ledger.account_balance("mallory") == 100
+    assert balances.total_granted == 100 and balances.total_credits == 500
+
+
+class _Ops:
+    """Hypothesis strategies for a ledger's life: grants (keys may repeat) and verified tasks (a
+    task id drawn again replays the same verdict, as a redelivered batch or a restart would)."""
+
+    accounts = st.sampled_from(["alice", "bob", "carol", "dave"])
+    grant = st.tuples(st.just("grant"), accounts, st.integers(1, 10**9), st.sampled_from(["k1", "k2", "k3", "k4"]))
+    task = st.tuples(st.just("task"), accounts, st.sampled_from([f"t{i}" for i in range(6)]),
+                     st.lists(st.tuples(st.sampled_from(["n1", "n2", "n3", "n4"]), accounts),
+                              min_size=1, max_size=3, unique_by=lambda p: p[0]),
+                     st.integers(1, 10**6))
+    batches = st.lists(st.lists(st.one_of(grant, task), min_size=1, max_size=4), min_size=1, max_size=8)
+
+
+@pytest.mark.parametrize("url", ["memory", "sqlite://"])
+@settings(max_examples=60, deadline=None)
+@given(batches=_Ops.batches)
+def test_account_balances_always_add_up_to_what_was_granted(url: str, batches: list[list[tuple[Any, ...]]]) -> None:
+    """The conservation law, over random sequences of grants and verified tasks."""
+
+    async def run() -> None:
+        verdicts: dict[str, list[Credit | Charge]] = {}
+        async with open_ledger(url) as store:
+            for batch in batches:
+                records: list[LedgerRecord] = []
+                for op in batch:
+                    if op[0] == "grant":
+                        _, account, amount, key = op
+                        records.append(grant(account, amount, key=key))
+                    else:
+                        _, submitter, task, paid, amount = op
+                        records.extend(verdicts.setdefault(task, verified(task, submitter, paid, amount=amount)))
+                await store.append(records)
+
+                balances = await store.balances()
+                assert sum(a.balance for a in balances.accounts) == balances.total_granted
+                for row in balances.accounts:
+                    history = await store.account_history(row.account)
+                    assert await store.account_balance(row.account) == row.balance == sum(e.delta for e in history)
+            entries = await store.entries(limit=10_000)
+            assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+            assert len({e.record.unique_key for e in entries}) == len(entries)
+
+    asyncio.run(run())
 
 
 # --- choosing a backend ----------------------------------------------------------------------
@@ -295,7 +499,7 @@ async def test_sqlite_open_reports_an_unusable_path_at_once(tmp_path: Path) -> N
     assert "no-such-dir" in raised.value.location
 
 
-def test_insert_credits_in_a_rolled_back_transaction_leaves_nothing(tmp_path: Path) -> None:
+def test_insert_entries_in_a_rolled_back_transaction_leaves_nothing(tmp_path: Path) -> None:
     with connect(tmp_path / "coordinator.db") as conn:
         # Prepare
         create_schema(conn)
@@ -303,34 +507,34 @@ def test_insert_credits_in_a_rolled_back_transaction_leaves_nothing(tmp_path: Pa
 
         # Execute: the coordinator marks tasks verified and credits in one transaction, then fails
         conn.execute("BEGIN")
-        inserted = insert_credits(conn, [credit("t1", "n1"), credit("t1", "n2")])
+        inserted = insert_entries(conn, [credit("t1", "n1"), credit("t1", "n2")])
         conn.rollback()
 
         # Assert: nothing left, and the rolled-back rows did not use up seq numbers
         assert inserted == 2
         assert read_size(conn) == 0
-        insert_credits(conn, [credit("t2", "n1")])
+        insert_entries(conn, [credit("t2", "n1")])
         conn.commit()
         assert [e.seq for e in read_entries(conn, 0, 10)] == [1]
 
 
-def test_insert_credits_does_not_commit(tmp_path: Path) -> None:
+def test_insert_entries_does_not_commit(tmp_path: Path) -> None:
     with connect(tmp_path / "coordinator.db") as writer, connect(tmp_path / "coordinator.db") as reader:
         create_schema(writer)
         writer.commit()
 
-        insert_credits(writer, [credit("t1", "n1")])
+        insert_entries(writer, [credit("t1", "n1")])
 
         assert writer.in_transaction
         assert read_size(reader) == 0
 
 
-def test_insert_credits_counts_only_new_rows(tmp_path: Path) -> None:
+def test_insert_entries_counts_only_new_rows(tmp_path: Path) -> None:
     with connect(tmp_path / "coordinator.db") as conn:
         create_schema(conn)
-        insert_credits(conn, [credit("t1", "n1")])
+        insert_entries(conn, [credit("t1", "n1")])
 
-        inserted = insert_credits(conn, [credit("t1", "n1"), credit("t2", "n1"), credit("t2", "n1")])
+        inserted = insert_entries(conn, [credit("t1", "n1"), credit("t2", "n1"), credit("t2", "n1")])
 
         assert inserted == 1
 
@@ -351,18 +555,18 @@ def test_read_functions_ignore_the_callers_row_factory(tmp_path: Path) -> None:
     with connect(tmp_path / "coordinator.db") as conn:
         conn.row_factory = sqlite3.Row
         create_schema(conn)
-        insert_credits(conn, [credit("t1", "n1")])
+        insert_entries(conn, [credit("t1", "n1")])
 
         [entry] = read_entries(conn, 0, 10)
 
-        assert entry.credit == credit("t1", "n1")
+        assert entry.record == credit("t1", "n1")
 
 
 async def test_a_store_and_the_coordinators_connection_share_one_file(tmp_path: Path) -> None:
     # Prepare: credits written the coordinator's way, in its own transaction
     with connect(tmp_path / "ledger.db") as conn:
         create_schema(conn)
-        insert_credits(conn, [credit("t1", "n1"), credit("t1", "n2")])
+        insert_entries(conn, [credit("t1", "n1"), credit("t1", "n2")])
         conn.commit()
 
     # Execute
@@ -371,3 +575,47 @@ async def test_a_store_and_the_coordinators_connection_share_one_file(tmp_path: 
 
     # Assert
     assert size == 2
+
+
+def test_a_credits_only_ledger_of_an_earlier_version_is_migrated_in_place(tmp_path: Path) -> None:
+    # Prepare: the table as it was before charges and grants, with two credits
+    with connect(tmp_path / "coordinator.db") as conn:
+        conn.execute("CREATE TABLE ledger_entries (seq INTEGER PRIMARY KEY AUTOINCREMENT, node TEXT NOT NULL, "
+                     "owner TEXT NOT NULL, job TEXT NOT NULL, task TEXT NOT NULL, amount INTEGER NOT NULL "
+                     "CHECK (amount > 0), result_digest TEXT NOT NULL, created_at REAL NOT NULL, "
+                     "UNIQUE (task, node))")
+        conn.executemany("INSERT INTO ledger_entries (node, owner, job, task, amount, result_digest, created_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         [("n1", "alice", "job-1", "t1", 5, DIGEST, 1_700_000_000.0),
+                          ("n2", "bob", "job-1", "t1", 5, DIGEST, 1_700_000_000.0)])
+        conn.commit()
+
+        # Execute
+        create_schema(conn)
+        conn.commit()
+        replayed = insert_entries(conn, [credit("t1", "n1")])
+        insert_entries(conn, [grant("alice", 7, key="a")])
+        conn.commit()
+
+        # Assert: same entries at the same seqs, still exactly once, numbering carries on
+        entries = read_entries(conn, 0, 10)
+        assert replayed == 0
+        assert [(e.seq, e.record) for e in entries[:2]] == [(1, credit("t1", "n1")),
+                                                             (2, credit("t1", "n2", owner="bob"))]
+        assert [(e.seq, e.kind) for e in entries[2:]] == [(3, "grant")]
+        assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master")} >= {
+            "ledger_entries", "ledger_entries_node", "ledger_entries_account"}
+        assert "ledger_entries_typed" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+
+
+def test_a_rolled_back_verdict_leaves_neither_credits_nor_charge(tmp_path: Path) -> None:
+    with connect(tmp_path / "coordinator.db") as conn:
+        create_schema(conn)
+        conn.commit()
+
+        conn.execute("BEGIN")
+        insert_entries(conn, verified("t1", "alice", [("n1", "bob"), ("n2", "carol")]))
+        conn.rollback()
+
+        assert read_size(conn) == 0
+        assert read_account_balance(conn, "alice") == 0

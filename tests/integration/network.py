@@ -3,12 +3,27 @@ database and node daemons, against a real broker. Every process is stopped by PI
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.signing import Identity
+from sparecycles import Client
+from sparecycles.cli.accounts import ensure_account
 from sparecycles.cli.processes import ManagedProcess, ProcessGroup, free_port
 
 READY_TIMEOUT = 60.0
+# One submitter for the whole run: each coordinator registers it on first use (open registration).
+SUBMITTER = Identity.generate()
+
+
+@contextlib.asynccontextmanager
+async def submitter(url: str, identity: Identity = SUBMITTER, name: str = "tester") -> AsyncIterator[Client]:
+    """A client signing as a registered account (registered here on first use)."""
+    async with Client(url, identity=identity) as client:
+        await ensure_account(client, name)
+        yield client
 
 
 @dataclass

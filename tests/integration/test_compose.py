@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from sparecycles.cli.processes import ProcessGroup, free_port
-from sparecycles.sdk import Client
 from tests import models
 
+from .dynsec import running_dynsec_broker
+from .network import submitter
 from .test_end_to_end import assert_outputs_match, local_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,39 +61,62 @@ def test_compose_ports_and_addresses_line_up() -> None:
     assert len(keys) == len(NODES), "each node needs its own key volume"
 
 
+def test_compose_broker_is_access_controlled_and_initialised_first() -> None:
+    """The compose broker runs deploy/mosquitto-dynsec.conf (no anonymous clients, the plugin),
+    after mosquitto-init wrote the plugin's file into the volume the broker reads it from.
+    tests/integration/test_broker_acl.py runs the same two deploy files for real."""
+    broker, init = SERVICES["mosquitto"], SERVICES["mosquitto-init"]
+    mounts = {target.removesuffix(":ro"): source for source, target in
+              (v.split(":", 1) for v in broker["volumes"])}
+    conf = (ROOT / mounts["/mosquitto/config/mosquitto.conf"]).read_text()
+    settings = dict(line.split(None, 1) for line in conf.splitlines() if line and not line.startswith("#"))
+    assert settings["allow_anonymous"] == "false" and settings["plugin"].endswith("mosquitto_dynamic_security.so")
+    plugin_file = Path(settings["plugin_opt_config_file"])
+    assert init["command"][-1] == str(plugin_file)
+    # init writes the file into the same volume the broker reads it from
+    assert f"{mounts[str(plugin_file.parent)]}:{plugin_file.parent}" in init["volumes"]
+    script = next(v for v in init["volumes"] if v.endswith(f":{init['command'][1]}:ro"))
+    assert (ROOT / script.split(":")[0]).is_file()
+    assert broker["depends_on"]["mosquitto-init"]["condition"] == "service_completed_successfully"
+    assert "SPARECYCLES_BROKER_ADMIN" in init["environment"]
+    assert "SPARECYCLES_BROKER_ADMIN" in SERVICES["coordinator"]["environment"]
+
+
 @pytest.mark.integration
 def test_the_compose_layout_runs_as_real_processes(tmp_path: Path, mosquitto_binary: str) -> None:
-    mosquitto = mosquitto_binary
-    broker_port, http_port = free_port(), free_port()
-    conf = (ROOT / "deploy" / "mosquitto.conf").read_text()
-    conf = conf.replace("listener 1883", f"listener {broker_port} 127.0.0.1")
-    (tmp_path / "mosquitto.conf").write_text(conf)
+    """The compose file's services as processes: the access-controlled broker from
+    deploy/mosquitto-dynsec.conf (initialised by deploy/broker-init.sh), the coordinator with the
+    broker admin from the environment as compose passes it, and the two nodes, which get their
+    broker logins from the coordinator."""
+    http_port = free_port()
+    with running_dynsec_broker(tmp_path, mosquitto=mosquitto_binary) as broker, \
+            ProcessGroup(tmp_path / "logs") as group:
 
-    def local(command: list[str]) -> list[str]:
-        args = command[2:]
-        mapping = {"mqtt://mosquitto:1883": f"mqtt://127.0.0.1:{broker_port}",
-                   "http://coordinator:8080": f"http://127.0.0.1:{http_port}",
-                   "0.0.0.0:8080": f"127.0.0.1:{http_port}",
-                   "sqlite:////data/coordinator.db": f"sqlite:///{tmp_path}/coordinator.db",
-                   "/keys/node.key": str(tmp_path / f"{command[command.index('--owner') + 1]}.key")
-                   if "--owner" in command else "/keys/node.key"}
-        return [mapping.get(a, a) for a in args]
+        def local(command: list[str]) -> list[str]:
+            args = command[2:]
+            mapping = {"mqtt://mosquitto:1883": f"mqtt://127.0.0.1:{broker.port}",
+                       "http://coordinator:8080": f"http://127.0.0.1:{http_port}",
+                       "0.0.0.0:8080": f"127.0.0.1:{http_port}",
+                       "sqlite:////data/coordinator.db": f"sqlite:///{tmp_path}/coordinator.db",
+                       "/keys/node.key": str(tmp_path / f"{command[command.index('--owner') + 1]}.key")
+                       if "--owner" in command else "/keys/node.key"}
+            return [mapping.get(a, a) for a in args]
 
-    with ProcessGroup(tmp_path / "logs") as group:
-        group.start_command([mosquitto, "-c", str(tmp_path / "mosquitto.conf")], name="mosquitto",
-                            port=broker_port)
+        admin = {"SPARECYCLES_BROKER_ADMIN": f"{broker.admin_user}:{broker.admin_password}"}
+        assert set(admin) <= set(SERVICES["coordinator"]["environment"])
         group.start("coordinator", local(SERVICES["coordinator"]["command"]), ready=r"coordinator ready",
-                    name="coordinator")
+                    name="coordinator", env=admin)
         for name in NODES:
             group.start("node", [*local(SERVICES[name]["command"]), "--cache-dir", str(tmp_path / name)],
                         ready=r"node ready", name=name)
         model, x = models.classifier(), np.random.default_rng(5).standard_normal((64, 8)).astype(np.float32)
 
         async def run() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-            async with Client(f"http://127.0.0.1:{http_port}") as c:
+            async with submitter(f"http://127.0.0.1:{http_port}") as c:
                 job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=16)
                 return await c.wait(job["job"], timeout=60), await c.outputs(job["job"])
 
         status, outputs = asyncio.run(run())
+        assert all("broker_login=per-node" in p.log_text() for p in group.processes if p.name in NODES)
     assert status["state"] == "done"
     assert_outputs_match(outputs, local_run(model, {"x": x}))

@@ -14,10 +14,9 @@ import onnxruntime as ort
 import pytest
 
 from protocol.npz import from_npz, to_npz
-from sparecycles.sdk import Client
 from tests import models
 
-from .network import Network
+from .network import Network, submitter
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +40,7 @@ def assert_outputs_match(got: dict[str, np.ndarray], want: dict[str, np.ndarray]
 
 
 async def run_job(net: Network, model: bytes, inputs: dict[str, np.ndarray], **options: int) -> tuple[dict, dict]:
-    async with Client(net.url) as c:
+    async with submitter(net.url) as c:
         digest = await c.ensure_model(model)
         job = await c.submit(digest, inputs, **options)
         status = await c.wait(job["job"], timeout=120)
@@ -100,7 +99,7 @@ def test_a_job_submitted_before_any_node_connects_waits_and_then_completes(netwo
     x = np.ones((20, 8), dtype=np.float32)
 
     async def scenario() -> tuple[dict, dict]:
-        async with Client(network.url) as c:
+        async with submitter(network.url) as c:
             job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=5)
             await asyncio.sleep(1.0)
             assert (await c.status(job["job"]))["state"] == "running"

@@ -4,7 +4,6 @@ no task lost (brief: Standards)."""
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,10 @@ from protocol.codec import seal
 from protocol.messages import Result, Results, WorkRequest
 from protocol.signing import Identity
 from protocol.tensors import digest_tensors, tensors_from_arrays
-from sparecycles.sdk import Client
 from tests import models
 
-from .network import Network
+from . import signed
+from .network import SUBMITTER, Network, submitter
 from .test_end_to_end import assert_outputs_match, local_run
 
 pytestmark = pytest.mark.integration
@@ -37,9 +36,10 @@ async def health(net: Network) -> dict[str, Any]:
 
 
 async def ledger_consistent(net: Network) -> tuple[list[str], dict[str, Any], list[dict[str, Any]]]:
-    async with Client(net.url) as c:
+    async with submitter(net.url) as c:
         entries, accepted, balances = await c.entries(), await c.accepted(), await c.balances()
-    return find_discrepancies(entries, accepted, balances), balances, entries
+    credits = [e for e in entries if e.get("kind", "credit") == "credit"]
+    return find_discrepancies(entries, accepted, balances), balances, credits
 
 
 def test_a_node_killed_mid_task_loses_nothing_and_its_task_completes_elsewhere(network: Network) -> None:
@@ -48,7 +48,7 @@ def test_a_node_killed_mid_task_loses_nothing_and_its_task_completes_elsewhere(n
     model, x = models.deep_mlp(), np.random.default_rng(2).standard_normal((1024, 384)).astype(np.float32)
 
     async def scenario() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        async with Client(network.url) as c:
+        async with submitter(network.url) as c:
             job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=128)
             while (await health(network))["live_leases"] < 3:
                 await asyncio.sleep(0.05)
@@ -82,7 +82,7 @@ def test_a_node_returning_wrong_outputs_is_never_accepted_nor_credited(network: 
         try:
             while not liar_ready:
                 await asyncio.sleep(0.05)
-            async with Client(network.url) as c:
+            async with submitter(network.url) as c:
                 job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=10)
                 return await c.wait(job["job"], timeout=120), await c.outputs(job["job"])
         finally:
@@ -105,7 +105,7 @@ def test_a_coordinator_killed_mid_job_resumes_after_restart_and_credits_nothing_
     model, x = models.deep_mlp(), np.random.default_rng(4).standard_normal((1536, 384)).astype(np.float32)
 
     async def submit_and_wait_for_progress() -> str:
-        async with Client(network.url) as c:
+        async with submitter(network.url) as c:
             job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=128)
             while (await c.status(job["job"]))["tasks"]["verified"] < 2:
                 await asyncio.sleep(0.05)
@@ -118,7 +118,7 @@ def test_a_coordinator_killed_mid_job_resumes_after_restart_and_credits_nothing_
     network.start_coordinator()
 
     async def finish() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        async with Client(network.url) as c:
+        async with submitter(network.url) as c:
             return await c.wait(job_id, timeout=120), await c.outputs(job_id)
 
     status, outputs = asyncio.run(finish())
@@ -137,10 +137,16 @@ def test_malformed_and_oversized_http_requests_get_clear_errors_and_the_coordina
 
     async def scenario() -> list[tuple[int, dict[str, Any]]]:
         out = []
+        async with submitter(network.url):  # registers the account
+            pass
         async with aiohttp.ClientSession() as s:
-            async def call(method: str, path: str, **kw: Any) -> None:
-                async with s.request(method, network.url + path, **kw) as r:
-                    out.append((r.status, await r.json()))
+            aud = await signed.audience(s, network.url)
+
+            async def call(method: str, path: str, **kw: Any) -> Any:
+                status, body, _ = await signed.call(s, network.url, method, path, identity=SUBMITTER, audience=aud,
+                                                    **kw)
+                out.append((status, body))
+                return body
 
             await call("PUT", "/v1/models", data=models.invalid_model_bytes())
             await call("POST", "/v1/jobs", data=b"{not json", headers={"Content-Type": "application/json"})
@@ -149,12 +155,13 @@ def test_malformed_and_oversized_http_requests_get_clear_errors_and_the_coordina
                        params={"model": "0" * 64})
             await call("POST", "/v1/jobs", data=b"x", headers={"Content-Type": "text/plain"})
             await call("GET", "/v1/jobs/nope")
-            digest = (await (await s.put(network.url + "/v1/models", data=models.classifier())).json())["model"]
+            digest = (await call("PUT", "/v1/models", data=models.classifier()))["model"]
+            out.pop()
             await call("POST", "/v1/jobs", json={"model": digest, "inputs": {"x": {"dtype": "float32", "shape": [1, 3],
                                                                                    "data": [[1, 2, 3]]}}})
             await call("POST", "/v1/jobs", json={"model": digest, "inputs": {"wrong": {
                 "dtype": "float32", "shape": [1, 8], "data": [[0] * 8]}}})
-            await call("POST", "/v1/jobs", data=io.BytesIO(b"\0" * (5 * 2**20)),
+            await call("POST", "/v1/jobs", data=b"\0" * (5 * 2**20), stream=True,
                        headers={"Content-Type": "application/x-npz"}, params={"model": digest})
             await call("GET", "/v1/health")
         return out
@@ -193,14 +200,15 @@ def test_hostile_mqtt_messages_are_rejected_counted_and_the_coordinator_keeps_wo
     assert counters.get("rejected_malformed", 0) >= 4
     assert counters.get("rejected_wrong_sender", 0) == 1
     assert counters.get("rejected_oversized", 0) == 1
-    assert counters.get("rejected_unknown_or_closed_lease", 0) == 1
+    # a well-signed result from a key no owner certified counts for nothing, lease or not
+    assert counters.get("rejected_unregistered_node", 0) == 1
     # and it still runs a job afterwards
     network.start_node("alice")
     network.start_node("bob")
     model, x = models.classifier(), np.ones((10, 8), dtype=np.float32)
 
     async def job() -> dict[str, Any]:
-        async with Client(network.url) as c:
+        async with submitter(network.url) as c:
             j = await c.submit(await c.ensure_model(model), {"x": x})
             return await c.wait(j["job"], timeout=60)
 
@@ -210,11 +218,15 @@ def test_hostile_mqtt_messages_are_rejected_counted_and_the_coordinator_keeps_wo
 
 def test_a_model_that_would_exhaust_a_volunteers_memory_is_refused_at_upload(network: Network) -> None:
     async def scenario() -> tuple[int, dict[str, Any], int]:
+        async with submitter(network.url):  # registers the account
+            pass
         async with aiohttp.ClientSession() as s:
-            async with s.put(network.url + "/v1/models", data=models.memory_bomb()) as r:
-                refused = (r.status, await r.json())
-            async with s.put(network.url + "/v1/models", data=models.classifier()) as r:
-                return refused[0], refused[1], r.status
+            aud = await signed.audience(s, network.url)
+            status, body, _ = await signed.call(s, network.url, "PUT", "/v1/models", data=models.memory_bomb(),
+                                                identity=SUBMITTER, audience=aud)
+            afterwards, _, _ = await signed.call(s, network.url, "PUT", "/v1/models", data=models.classifier(),
+                                                 identity=SUBMITTER, audience=aud)
+            return status, body, afterwards
 
     status, body, afterwards = asyncio.run(scenario())
     assert status == 400 and "of memory" in body["error"]

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from sparecycles.cli.processes import ProcessGroup, free_port
-from sparecycles.sdk import Client
 from tests import models
 
-from .network import Network
+from .network import Network, submitter
 from .test_end_to_end import assert_outputs_match, local_run, run_job
 
 pytestmark = pytest.mark.integration
@@ -55,7 +54,7 @@ def test_a_broker_restart_mid_job_loses_nothing(tmp_path: Path, mosquitto_binary
         x = np.random.default_rng(9).standard_normal((1536, 384)).astype(np.float32)
 
         async def scenario() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-            async with Client(net.url) as c:
+            async with submitter(net.url) as c:
                 job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=128)
                 while (await c.status(job["job"]))["tasks"]["verified"] < 2:
                     await asyncio.sleep(0.05)

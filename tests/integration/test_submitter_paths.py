@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from protocol.npz import to_npz
-from sparecycles.sdk import Client
 from tests import models
 
-from .network import Network
+from . import signed
+from .network import SUBMITTER, Network, submitter
 from .test_end_to_end import assert_outputs_match, cli, local_run
 
 pytestmark = pytest.mark.integration
@@ -31,18 +31,21 @@ def test_a_small_job_can_travel_as_json_both_ways(network: Network) -> None:
     b = np.ones((3, 4), dtype=np.float32)
 
     async def scenario() -> tuple[int, dict[str, Any]]:
-        async with Client(network.url) as c:
+        async with submitter(network.url) as c:
             digest = await c.ensure_model(model)
         async with aiohttp.ClientSession() as s:
             body = {"model": digest, "task_size": 2,
                     "inputs": {n: {"dtype": "float32", "shape": list(v.shape), "data": v.tolist()}
                                for n, v in (("a", a), ("b", b))}}
-            async with s.post(f"{network.url}/v1/jobs", json=body) as r:
-                created = await r.json()
-            async with s.get(f"{network.url}/v1/jobs/{created['job']}", params={"wait": "30"}) as r:
+            aud = await signed.audience(s, network.url)
+            _, created, _ = await signed.call(s, network.url, "POST", "/v1/jobs", json=body, identity=SUBMITTER,
+                                              audience=aud)
+            # Whoever holds the job's read token may read it, unsigned (e.g. with curl).
+            token = {"X-Sparecycles-Job-Token": created["read_token"]}
+            async with s.get(f"{network.url}/v1/jobs/{created['job']}", params={"wait": "30"}, headers=token) as r:
                 assert (await r.json())["state"] == "done"
             async with s.get(f"{network.url}/v1/jobs/{created['job']}/outputs",
-                             headers={"Accept": "application/json"}) as r:
+                             headers={"Accept": "application/json", **token}) as r:
                 return r.status, await r.json()
 
     status, outputs = asyncio.run(scenario())
@@ -75,7 +78,7 @@ def test_a_node_stopped_with_sigterm_mid_job_exits_cleanly_and_the_job_completes
     model, x = models.deep_mlp(), np.random.default_rng(6).standard_normal((2048, 384)).astype(np.float32)
 
     async def scenario() -> tuple[dict[str, Any], dict[str, np.ndarray], int]:
-        async with Client(network.url) as c:
+        async with submitter(network.url) as c:
             job = await c.submit(await c.ensure_model(model), {"x": x}, task_size=64)
             while (await c.status(job["job"]))["tasks"]["verified"] < 2:
                 await asyncio.sleep(0.05)

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ledger.credit import UNKNOWN_NODE_FLOPS, ModelCost, credit_amount, model_cost
-from ledger.entries import MAX_AMOUNT, Credit
+from ledger.entries import MAX_AMOUNT, Charge, Credit, Entry, Grant, charge_for
 from ledger.errors import CostModelError, InvalidEntry
 
 Dims = list[int | str]
@@ -253,3 +253,70 @@ def test_leaf_bytes_differ_when_any_field_differs() -> None:
 def test_a_credit_that_breaks_the_ledgers_invariants_cannot_be_built(field: str, value: object) -> None:
     with pytest.raises(InvalidEntry):
         _credit(**{field: value})
+
+
+# --- charges and grants: the other kinds of entry ----------------------------------------------
+
+
+def _charge(**changes: object) -> Charge:
+    fields: dict[str, Any] = {"account": "dave", "job": "j1", "task": "t1", "amount": 6,
+                              "created_at": 1_700_000_000.0}
+    return Charge(**(fields | changes))
+
+
+def _grant(**changes: object) -> Grant:
+    fields: dict[str, Any] = {"account": "dave", "amount": 100, "key": "start:acct-1", "memo": "welcome",
+                              "created_at": 1_700_000_000.0}
+    return Grant(**(fields | changes))
+
+
+def test_charge_and_grant_leaves_are_tagged_arrays_in_fixed_field_order() -> None:
+    assert msgpack.unpackb(_charge().leaf_bytes()) == ["charge", "dave", "j1", "t1", 6, 1_700_000_000.0]
+    assert msgpack.unpackb(_grant().leaf_bytes()) == ["grant", "dave", 100, "start:acct-1", "welcome",
+                                                      1_700_000_000.0]
+
+
+def test_leaves_of_different_kinds_never_read_alike() -> None:
+    # A charge and a grant built from the same strings still differ by their tag.
+    leaves = {_credit().leaf_bytes(), _charge().leaf_bytes(), _grant().leaf_bytes(),
+              _charge(created_at=1_700_000_000).leaf_bytes()}
+
+    assert len(leaves) == 3
+
+
+def test_grant_leaf_bytes_differ_when_any_field_differs() -> None:
+    base = _grant().leaf_bytes()
+
+    changed = [_grant(**{name: value}).leaf_bytes() for name, value in [
+        ("account", "erin"), ("amount", 101), ("key", "op-1"), ("memo", ""), ("created_at", 1.5)]]
+
+    assert base not in changed and len(set(changed)) == len(changed)
+
+
+@pytest.mark.parametrize(("make", "field", "value"), [
+    (_charge, "amount", 0), (_charge, "amount", True), (_charge, "account", ""), (_charge, "task", None),
+    (_grant, "amount", -5), (_grant, "key", ""), (_grant, "memo", "x" * 1001), (_grant, "memo", None),
+    (_grant, "created_at", float("inf")),
+])
+def test_a_charge_or_grant_that_breaks_the_ledgers_invariants_cannot_be_built(make: Any, field: str,
+                                                                               value: object) -> None:
+    with pytest.raises(InvalidEntry):
+        make(**{field: value})
+
+
+def test_charge_for_pays_exactly_the_sum_of_one_tasks_credits() -> None:
+    credits = [_credit(node="n1", amount=3), _credit(node="n2", owner="bob", amount=3)]
+
+    charge = charge_for(credits, account="dave", created_at=5.0)
+
+    assert charge == Charge(account="dave", job="j1", task="t1", amount=6, created_at=5.0)
+
+
+@pytest.mark.parametrize("credits", [[], [_credit(task="t1"), _credit(task="t2", node="n2")]])
+def test_charge_for_refuses_credits_of_no_task_or_of_several(credits: list[Credit]) -> None:
+    with pytest.raises(InvalidEntry):
+        charge_for(credits, account="dave", created_at=5.0)
+
+
+def test_an_entry_moves_its_account_by_its_kinds_sign() -> None:
+    assert [Entry(1, r).delta for r in (_grant(), _credit(), _charge())] == [100, 3, -6]

@@ -1,4 +1,6 @@
-"""`find_discrepancies` on a small consistent ledger, then on each kind of tampering."""
+"""`find_discrepancies` on a small consistent ledger, then on each kind of tampering: first the
+contributors' side (credits against accepted results), then the double entry (charges, grants,
+account balances, conservation)."""
 
 from __future__ import annotations
 
@@ -7,15 +9,17 @@ from typing import Any
 
 import pytest
 
-from ledger.entries import Credit, Entry, balances_of
+from ledger.entries import Charge, Credit, Entry, Grant, LedgerRecord, balances_of, charge_for
 from ledger.verify import find_discrepancies
 
 DIGEST = "cd" * 32
 Doc = dict[str, Any]
 
 # The coordinator's record: t1 and t2 verified with two accepted nodes each; t3 still waiting.
+# Their jobs have no submitter (internal use): nobody is charged for them.
 ACCEPTED: list[Doc] = [
-    {"task": task, "job": job, "node": node, "owner": owner, "output_digest": DIGEST, "task_state": state}
+    {"task": task, "job": job, "node": node, "owner": owner, "output_digest": DIGEST, "task_state": state,
+     "submitter": ""}
     for task, job, node, owner, state in [
         ("t1", "j1", "n1", "alice", "verified"),
         ("t1", "j1", "n2", "bob", "verified"),
@@ -43,15 +47,23 @@ def summed(entries: list[Doc]) -> Doc:
     """Balances summed by hand from tampered entries, so that only the tampering itself is reported."""
     nodes: dict[tuple[str, str], list[int]] = {}
     owners: dict[str, list[int]] = {}
-    for e in entries:
+    accounts: dict[str, list[int]] = {}
+    credits = [e for e in entries if e["kind"] == "credit"]
+    for e in credits:
         for tally in (nodes.setdefault((e["node"], e["owner"]), [0, 0]),
                       owners.setdefault(e["owner"], [0, 0])):
             tally[0] += e["amount"]
             tally[1] += 1
+    for e in entries:
+        account = e["owner"] if e["kind"] == "credit" else e["account"]
+        accounts.setdefault(account, [0, 0, 0])[("grant", "credit", "charge").index(e["kind"])] += e["amount"]
     return {"nodes": [{"node": n, "owner": o, "credits": c, "entries": k}
                       for (n, o), (c, k) in nodes.items()],
             "owners": [{"owner": o, "credits": c, "entries": k} for o, (c, k) in owners.items()],
-            "total_credits": sum(e["amount"] for e in entries), "entries": len(entries)}
+            "total_credits": sum(e["amount"] for e in credits), "entries": len(credits),
+            "accounts": [{"account": a, "granted": g, "earned": e, "spent": s, "balance": g + e - s}
+                         for a, (g, e, s) in accounts.items()],
+            "total_granted": sum(g for g, _, _ in accounts.values())}
 
 
 CONSISTENT = [("t1", "n1"), ("t1", "n2"), ("t2", "n1"), ("t2", "n3")]
@@ -64,8 +76,8 @@ def test_a_consistent_ledger_has_no_discrepancies() -> None:
 
 
 def test_an_empty_ledger_with_nothing_verified_is_consistent() -> None:
-    assert find_discrepancies([], ACCEPTED[4:], {"nodes": [], "owners": [], "total_credits": 0,
-                                                 "entries": 0}) == []
+    assert find_discrepancies([], ACCEPTED[4:], {"nodes": [], "owners": [], "total_credits": 0, "entries": 0,
+                                                 "accounts": [], "total_granted": 0}) == []
 
 
 def test_a_duplicate_credit_is_reported_with_both_seqs() -> None:
@@ -101,8 +113,10 @@ def test_a_credit_for_a_task_the_coordinator_never_accepted_is_reported() -> Non
 
     found = find_discrepancies(entries, ACCEPTED, balances)
 
-    assert len(found) == 1
+    assert len(found) == 2
     assert "seq 5 (task t9, node n1)" in found[0] and "not in the coordinator's record" in found[0]
+    assert found[1] == ("account balances add up to 17, but 0 credits were granted (plus 16 credited for jobs "
+                        "without a submitter): 1 credits were made from nothing")
 
 
 def test_a_credit_naming_another_job_or_owner_is_reported() -> None:
@@ -157,7 +171,7 @@ def test_wrong_owner_balance_and_totals_are_reported() -> None:
     assert found == [
         "balance for owner carol is missing; its entries sum to 5 credits over 1 entries",
         "balance total_credits is 116, but the entries sum to 16",
-        "balance entries count is 3, but there are 4 entries",
+        "balance entries count is 3, but there are 4 credit entries",
     ]
 
 
@@ -230,8 +244,9 @@ def test_discrepancies_come_in_entry_order() -> None:
 def test_malformed_documents_are_reported_not_raised() -> None:
     # Prepare
     entries, balances = ledger_of(CONSISTENT)
-    entries[1] = {"seq": 2, "task": "t1", "node": "n2", "amount": "lots"}
+    entries[1] = {"seq": 2, "kind": "credit", "task": "t1", "node": "n2", "amount": "lots"}
     accepted = [*ACCEPTED, {"task": "t4"}]
+    accepted[1] = {k: v for k, v in accepted[1].items() if k != "submitter"}
     balances["nodes"].append("nonsense")
 
     # Execute
@@ -239,6 +254,162 @@ def test_malformed_documents_are_reported_not_raised() -> None:
 
     # Assert
     assert "accepted result #6 is malformed: field 'job' is missing or not a non-empty string" in found
+    assert "accepted result #2 is malformed: field 'submitter' is missing or not a string" in found
     assert "entry #2 is malformed: field 'owner' is missing or not a non-empty string" in found
     assert any(d.startswith("balance row #4 of 'nodes' is malformed") for d in found)
     assert not any("gap" in d for d in found)  # the malformed entry's seq still counts
+
+
+# --- the double entry ------------------------------------------------------------------------
+
+# Job j5, submitted by dave: t5 run by alice's and bob's nodes, t6 by alice's and carol's; t7 is
+# still waiting. dave was granted 100 when his account opened.
+PAID_ACCEPTED: list[Doc] = [
+    {"task": task, "job": "j5", "node": node, "owner": owner, "output_digest": DIGEST, "task_state": state,
+     "submitter": "dave"}
+    for task, node, owner, state in [
+        ("t5", "n1", "alice", "verified"), ("t5", "n2", "bob", "verified"),
+        ("t6", "n1", "alice", "verified"), ("t6", "n3", "carol", "verified"),
+        ("t7", "n2", "bob", "reported"),
+    ]
+]
+
+
+def paid_records(*, t6_amount: int = 4) -> list[LedgerRecord]:
+    """dave's grant, then each verified task's credits and charge, as the coordinator writes them."""
+    records: list[LedgerRecord] = [Grant(account="dave", amount=100, key="start:dave", memo="", created_at=1.0)]
+    for task, paid, amount in [("t5", [("n1", "alice"), ("n2", "bob")], 3),
+                               ("t6", [("n1", "alice"), ("n3", "carol")], t6_amount)]:
+        credits = [Credit(node=node, owner=owner, job="j5", task=task, amount=amount, result_digest=DIGEST,
+                          created_at=2.0) for node, owner in paid]
+        records += [*credits, charge_for(credits, account="dave", created_at=2.0)]
+    return records
+
+
+def paid_ledger(records: list[LedgerRecord] | None = None) -> tuple[list[Doc], Doc]:
+    entries = [Entry(seq, r) for seq, r in enumerate(records or paid_records(), start=1)]
+    return [e.to_json() for e in entries], balances_of(entries).to_json()
+
+
+def test_a_consistent_double_entry_ledger_has_no_discrepancies() -> None:
+    entries, balances = paid_ledger()
+
+    assert find_discrepancies(entries, PAID_ACCEPTED, balances) == []
+    assert {a["account"]: a["balance"] for a in balances["accounts"]} == {
+        "dave": 100 - 6 - 8, "alice": 7, "bob": 3, "carol": 4}
+
+
+def test_a_charge_that_differs_from_the_tasks_credits_is_reported() -> None:
+    # Attack: the coordinator charges the submitter more than the contributors were paid.
+    entries, _ = paid_ledger()
+    [charge] = [e for e in entries if e["kind"] == "charge" and e["task"] == "t6"]
+    charge["amount"] = 9
+
+    found = find_discrepancies(entries, PAID_ACCEPTED, summed(entries))
+
+    assert found == [
+        "seq 7 (charge, task t6): charge of 9 does not equal the task's credits, 8",
+        "account balances add up to 99, but 100 credits were granted: 1 credits vanished",
+    ]
+
+
+def test_a_verified_task_of_a_submitted_job_without_a_charge_is_reported() -> None:
+    # Attack: free work - the contributors are paid but the submitter never is charged, so credit
+    # is made from nothing.
+    entries, _ = paid_ledger([r for r in paid_records() if not (isinstance(r, Charge) and r.task == "t5")])
+
+    found = find_discrepancies(entries, PAID_ACCEPTED, summed(entries))
+
+    assert found == [
+        "task t5 is verified and job j5 was submitted by dave, but the ledger has no charge for it",
+        "account balances add up to 106, but 100 credits were granted: 6 credits were made from nothing",
+    ]
+
+
+def test_a_charge_to_someone_other_than_the_submitter_is_reported() -> None:
+    records = paid_records()
+    records[3] = Charge(account="bob", job="j5", task="t5", amount=6, created_at=2.0)
+    entries, balances = paid_ledger(records)
+
+    found = find_discrepancies(entries, PAID_ACCEPTED, balances)
+
+    assert found == ["seq 4 (charge, task t5): bob is charged, but job j5 was submitted by dave"]
+
+
+def test_a_charge_for_a_job_without_a_submitter_or_an_unverified_task_is_reported() -> None:
+    records: list[LedgerRecord] = [
+        Charge(account="mallory", job="j1", task="t1", amount=6, created_at=2.0),
+        Charge(account="mallory", job="j2", task="t3", amount=1, created_at=2.0)]
+    entries = [e.to_json() for e in (Entry(seq, r) for seq, r in enumerate(records, start=1))]
+
+    found = find_discrepancies(entries, ACCEPTED, summed(entries))
+
+    assert found[:3] == [
+        "seq 1 (charge, task t1): job j1 has no submitter, so nobody may be charged for it",
+        "seq 2 (charge, task t3): task t3 is 'reported', not verified",
+        "seq 2 (charge, task t3): job j2 has no submitter, so nobody may be charged for it",
+    ]
+
+
+def test_a_duplicate_charge_or_grant_is_reported() -> None:
+    # Attack: the submitter pays twice for one task; a grant is replayed.
+    records = paid_records()
+    records += [records[3], Grant(account="dave", amount=100, key="start:dave", memo="", created_at=3.0)]
+    entries, balances = paid_ledger(records)
+
+    found = find_discrepancies(entries, PAID_ACCEPTED, balances)
+
+    assert found[:2] == [
+        "seq 8 (charge, task t5): duplicate charge for this task, already charged at seq 4",
+        "seq 9 (grant start:dave): duplicate grant under this key, already granted at seq 1",
+    ]
+
+
+def test_a_forged_account_row_is_reported() -> None:
+    # Prepare: the coordinator claims dave spent less than his charges say, and keeps the row's
+    # own arithmetic straight so only the entries can give it away.
+    entries, balances = paid_ledger()
+    forged = copy.deepcopy(balances)
+    [row] = [r for r in forged["accounts"] if r["account"] == "dave"]
+    row["spent"] -= 8
+    row["balance"] += 8
+
+    # Execute
+    found = find_discrepancies(entries, PAID_ACCEPTED, forged)
+
+    # Assert
+    assert found == [
+        "balance for account dave is granted 100, earned 0, spent 6, but its entries sum to granted 100, "
+        "earned 0, spent 14",
+        "account balances add up to 108, but 100 credits were granted: 8 credits were made from nothing",
+    ]
+
+
+def test_an_account_row_whose_balance_is_not_its_sum_is_reported() -> None:
+    entries, balances = paid_ledger()
+    [row] = [r for r in balances["accounts"] if r["account"] == "alice"]
+    row["balance"] = 70
+
+    found = find_discrepancies(entries, PAID_ACCEPTED, balances)
+
+    assert found == ["balance for account alice is 70, but granted 0 + earned 7 - spent 0 is 7",
+                     "account balances add up to 163, but 100 credits were granted: 63 credits were made "
+                     "from nothing"]
+
+
+def test_a_forged_total_granted_is_reported() -> None:
+    entries, balances = paid_ledger()
+    balances["total_granted"] = 1_000
+
+    found = find_discrepancies(entries, PAID_ACCEPTED, balances)
+
+    assert found == ["balance total_granted is 1000, but the grants sum to 100"]
+
+
+def test_an_entry_of_unknown_kind_is_malformed() -> None:
+    entries, balances = paid_ledger()
+    entries[0]["kind"] = "gift"
+
+    found = find_discrepancies(entries, PAID_ACCEPTED, balances)
+
+    assert found[0] == "entry #1 is malformed: field 'kind' is 'gift', not one of credit, charge, grant"

@@ -1,0 +1,54 @@
+"""Accounts, nodes and invites survive in every CoordinatorStore backend (the contract of
+`save_accounts`/`load_accounts`), so a restarted coordinator knows who may act."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from coordinator.accounts import Account, Invite, NodeRecord
+from coordinator.store import CoordinatorStore
+from coordinator.store_factory import open_store
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CoordinatorStore]:
+    s = open_store("memory" if request.param == "memory" else f"sqlite:///{tmp_path}/c.db")
+    yield s
+    await s.close()
+
+
+ALICE = Account(id="a" * 26, name="alice", public_key=b"\x01" * 32, created_at=1.0)
+NODE = NodeRecord(node="n" * 26, public_key=b"\x02" * 32, owner="alice", owner_id="a" * 26, expires_at=99.0,
+                  registered_at=2.0)
+INVITE = Invite(token_sha256="f" * 64, created_at=3.0)
+
+
+async def test_saved_records_load_back_equal(store: CoordinatorStore) -> None:
+    await store.save_accounts(accounts=[ALICE], nodes=[NODE], invites=[INVITE])
+    assert await store.load_accounts() == ([ALICE], [NODE], [INVITE])
+
+
+async def test_saving_again_replaces_by_key(store: CoordinatorStore) -> None:
+    # blocking, a re-certified node and a used invite are updates of the same records, never copies
+    await store.save_accounts(accounts=[ALICE], nodes=[NODE], invites=[INVITE])
+    blocked = replace(ALICE, blocked=True)
+    renewed = replace(NODE, expires_at=199.0)
+    used = replace(INVITE, used_by=ALICE.id)
+    await store.save_accounts(accounts=[blocked], nodes=[renewed], invites=[used])
+    assert await store.load_accounts() == ([blocked], [renewed], [used])
+
+
+async def test_sqlite_accounts_survive_reopening(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.db"
+    s = open_store(url)
+    await s.save_accounts(accounts=[ALICE], nodes=[NODE])
+    await s.close()
+    s2 = open_store(url)
+    try:
+        assert await s2.load_accounts() == ([ALICE], [NODE], [])
+    finally:
+        await s2.close()
