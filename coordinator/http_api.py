@@ -198,6 +198,7 @@ async def post_job(request: web.Request) -> web.Response:
                              submitter=account.name, read_token_sha256=sha256_hex(read_token.encode()))
         job = await c.create_job(meta, inputs, options)
     except BadJob as exc:
+        c.counters["refused_bad_job"] += 1  # replicas below the minimum land here too: counted like any refusal
         return fail(400, str(exc))
     except PeerError as exc:
         return fail(413 if exc.reason == "oversized" else 400, str(exc))
