@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import shutil
 import statistics
 import sys
@@ -68,7 +69,7 @@ async def mqtt_reference(broker_port: int, count: int = 5000) -> float:
         return received / (last - t0)
 
 
-def start_network(group: ProcessGroup, tmp: Path) -> tuple[str, int]:
+def start_network(group: ProcessGroup, tmp: Path, coordinator_args: list[str]) -> tuple[str, int]:
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     broker_port, http_port = free_port(), free_port()
     if Path(mosquitto).exists():
@@ -81,7 +82,8 @@ def start_network(group: ProcessGroup, tmp: Path) -> tuple[str, int]:
     broker = f"mqtt://127.0.0.1:{broker_port}"
     url = f"http://127.0.0.1:{http_port}"
     group.start("coordinator", ["--broker", broker, "--db", f"sqlite:///{tmp}/bench.db", "--http",
-                                f"127.0.0.1:{http_port}", "--log-level", "WARNING"], ready=r"coordinator ready")
+                                f"127.0.0.1:{http_port}", "--log-level", "WARNING", *coordinator_args],
+                ready=r"coordinator ready")
     for owner in ("alice", "bob"):
         group.start("node", ["--broker", broker, "--coordinator", url, "--key", str(tmp / f"{owner}.key"),
                              "--owner", owner, "--slots", "1", "--cache-dir", str(tmp / owner),
@@ -158,6 +160,19 @@ async def bench(url: str, broker_port: int, args: argparse.Namespace) -> None:
         q = statistics.quantiles(lat, n=100)
         print(f"submit-to-result latency, one-task job ({args.latency_runs} runs): "
               f"p50 {statistics.median(lat):.2f} ms, p99 {q[98]:.2f} ms")
+        counters = await _health(url)
+        verified = counters.get("task_verified", 0)
+        if verified:
+            print(f"verification: {verified:,} tasks verified, {counters.get('solo_issued', 0):,} run alone on trusted "
+                  f"nodes, {counters.get('audits_run', 0):,} audits ({counters.get('audits_run', 0) / verified:.3f} "
+                  f"per task, {counters.get('audit_ms', 0) / 1000:.1f} s of coordinator time)")
+
+
+async def _health(url: str) -> dict[str, int]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/health") as r:
+        return dict((await r.json()).get("counters", {}))
 
 
 def main() -> int:
@@ -166,11 +181,13 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--latency-runs", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--coordinator-args", default="", metavar="ARGS",
+                   help="extra coordinator flags, e.g. '--no-adaptive' to run every task on k=2 owners")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sparecycles-bench-"))
     try:
         with ProcessGroup(tmp / "logs") as group:
-            url, broker_port = start_network(group, tmp)
+            url, broker_port = start_network(group, tmp, shlex.split(args.coordinator_args))
             asyncio.run(bench(url, broker_port, args))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -50,6 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="job inputs and models stored per account (default %(default)s)")
     p.add_argument("--request-rate", type=float, default=d.request_rate, metavar="PER_S",
                    help="signed requests per second per account, after a burst of 4x (default %(default)s)")
+    v = p.add_argument_group("verification", "trust earned against the coordinator's own runs (audits)")
+    v.add_argument("--trusted-owner", action="append", default=[], metavar="NAME",
+                   help="an account whose results are ground truth (repeatable; default: none)")
+    v.add_argument("--trusted-after", type=int, default=d.trusted_after, metavar="N",
+                   help="audited-valid results in a row before a node's results may stand alone (default %(default)s)")
+    v.add_argument("--min-audit-rate", type=float, default=d.min_audit_rate, metavar="P",
+                   help="a trusted node's results are audited at max(P, 1/streak) (default %(default)s)")
+    v.add_argument("--untrusted-audit-rate", type=float, default=d.untrusted_audit_rate, metavar="P",
+                   help="agreement among untrusted owners is audited at this rate (default %(default)s)")
+    v.add_argument("--no-adaptive", action="store_true",
+                   help="every task runs on --replicas owners, even on trusted nodes")
+    v.add_argument("--block-after", type=int, default=d.block_after, metavar="N",
+                   help="results shown wrong before an owner is blocked (default %(default)s)")
+    v.add_argument("--silence-seconds", type=float, default=d.silence_seconds, metavar="S",
+                   help="a node silent this long loses its leases (default %(default)s)")
+    v.add_argument("--job-deadline", type=float, default=d.job_deadline, metavar="S",
+                   help="seconds for a job's tasks to be decided, else they fail with the reason (default %(default)s)")
+    v.add_argument("--audit-workers", type=int, default=d.audit_workers, metavar="N",
+                   help="sandboxed processes running audits at once (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -64,7 +83,11 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                operator_keys=tuple(_public_key(k) for k in args.operator),
                                broker_admin=args.broker_admin or None, max_open_jobs=args.max_open_jobs,
                                max_stored_bytes=args.max_stored_mb * 2**20, request_rate=args.request_rate,
-                               request_burst=4 * args.request_rate)
+                               request_burst=4 * args.request_rate, trusted_owners=tuple(args.trusted_owner),
+                               trusted_after=args.trusted_after, min_audit_rate=args.min_audit_rate,
+                               untrusted_audit_rate=args.untrusted_audit_rate, adaptive=not args.no_adaptive,
+                               block_after=args.block_after, silence_seconds=args.silence_seconds,
+                               job_deadline=args.job_deadline, audit_workers=args.audit_workers)
 
 
 def _public_key(value: str) -> str:

@@ -102,6 +102,16 @@ class Budget:
         else:
             del self._reserved[held.account]
 
+    def reopen(self, account: str, job: str, amount: int) -> None:
+        """A verified task of `job` reopened: its charge was refunded, and the same amount is held
+        again for its re-run (no balance check: the refund just returned it)."""
+        held = self._jobs.get(job)
+        if held is None:
+            self._hold(account, job, amount)
+        else:
+            held.remaining += amount
+            self._reserved[account] = self._reserved.get(account, 0) + amount
+
     def rebuild(self, jobs: Iterable[tuple[JobSpec, Sequence[int]]]) -> None:
         """Replace every reservation with those of running jobs after a restart: each pair is a
         running job's spec and the rows of its still-open tasks. Balances are not checked: these

@@ -195,7 +195,8 @@ async def post_job(request: web.Request) -> web.Response:
         read_token = secrets.token_urlsafe(24)
         options = JobOptions(replicas=replicas, task_size=_int_param(request, body, "task_size"),
                              max_results=_int_param(request, body, "max_results"), final=final,
-                             submitter=account.name, read_token_sha256=sha256_hex(read_token.encode()))
+                             submitter=account.name, read_token_sha256=sha256_hex(read_token.encode()),
+                             deadline_seconds=float(_int_param(request, body, "deadline") or 0))
         job = await c.create_job(meta, inputs, options)
     except BadJob as exc:
         c.counters["refused_bad_job"] += 1  # replicas below the minimum land here too: counted like any refusal
@@ -302,7 +303,7 @@ async def get_blob(request: web.Request) -> web.Response:
 @access(Access.NODE)
 async def put_blob(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
-    _live_lease(c, request)
+    lease = _live_lease(c, request)
     digest = request.match_info["digest"]
     data = await request.read()
     try:
@@ -311,7 +312,7 @@ async def put_blob(request: web.Request) -> web.Response:
         return fail(400, f"blob is not a msgpack tensor map: {exc}")
     if digest_tensors(tensors) != digest:
         return fail(400, "blob does not match its digest")
-    await c.put_blob(digest, data)
+    await c.put_output_blob(lease.id, digest, data)
     return web.json_response({"blob": digest, "size": len(data)}, status=201)
 
 
@@ -420,6 +421,11 @@ async def post_node(request: web.Request) -> web.Response:
                                                                  "password": mqtt.password}})
 
 
+async def node_trust(request: web.Request) -> web.Response:
+    """Public: why a node is or is not trusted, its record, and the leases it may hold."""
+    return web.json_response(request.app[COORDINATOR].trust(request.match_info["node"]))
+
+
 @access(Access.OPERATOR)
 async def admin_accounts(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
@@ -503,6 +509,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/accounts", post_account)
     app.router.add_get("/v1/accounts/me", get_me)
     app.router.add_post("/v1/nodes", post_node)
+    app.router.add_get("/v1/nodes/{node}/trust", node_trust)
     app.router.add_get("/v1/admin/accounts", admin_accounts)
     app.router.add_post("/v1/admin/accounts", admin_add_account)
     app.router.add_post("/v1/admin/accounts/{name}/{action:block|unblock}", admin_block)

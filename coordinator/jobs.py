@@ -32,6 +32,7 @@ class JobOptions:
     opt_level: int = 99
     submitter: str = ""
     read_token_sha256: str = ""
+    deadline_seconds: float = 0.0  # 0: the coordinator's default
 
 
 def check_inputs(meta: Mapping[str, Any], inputs: Mapping[str, npt.NDArray[Any]]) -> int:
@@ -82,6 +83,7 @@ def plan_job(meta: Mapping[str, Any], inputs: Mapping[str, npt.NDArray[Any]], op
                    max_results=max_results, tolerance=Tolerance(final=options.final),  # type: ignore[arg-type]
                    opt_level=options.opt_level, output_names=tuple(o["name"] for o in meta["outputs"]),
                    flops_per_row=flops, created_at=now_wall, submitter=options.submitter,
+                   deadline_seconds=options.deadline_seconds,
                    read_token_sha256=options.read_token_sha256)
     contiguous = {n: np.ascontiguousarray(a) for n, a in inputs.items()}
     tasks, blobs = [], {}

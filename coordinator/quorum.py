@@ -60,7 +60,15 @@ def check_finite(outputs: Mapping[str, npt.NDArray[Any]]) -> str | None:
     return None
 
 
+def close(x: npt.NDArray[Any], y: npt.NDArray[Any], tol: Tolerance) -> bool:
+    """|x - y| <= atol + rtol * max(|x|, |y|) elementwise: symmetric, unlike `np.allclose`, whose
+    tolerance scales with its second argument only (so a ~ b did not imply b ~ a)."""
+    diff = np.abs(x - y)
+    return bool(np.all(diff <= tol.atol + tol.rtol * np.maximum(np.abs(x), np.abs(y))))
+
+
 def agree(a: Vote, b: Vote, tol: Tolerance) -> bool:
+    """Symmetric: agree(a, b, tol) == agree(b, a, tol) for every pair."""
     if a.output_digest == b.output_digest:
         return True
     if tol.final == "exact" or a.outputs.keys() != b.outputs.keys():
@@ -76,25 +84,26 @@ def agree(a: Vote, b: Vote, tol: Tolerance) -> bool:
         if tol.final == "argmax" and x.ndim >= 2 and x.shape[-1] > 1 \
                 and not np.array_equal(x.argmax(axis=-1), y.argmax(axis=-1)):
             return False
-        if not np.allclose(x, y, rtol=tol.rtol, atol=tol.atol):
+        if not close(x, y, tol):
             return False
     return True
 
 
 def decide_quorum(votes: Sequence[Vote], *, k: int, tol: Tolerance) -> Verdict:
-    """The first vote (in arrival order) that votes of k distinct owners agree with is canonical."""
+    """The first vote (in arrival order) around which votes of k distinct owners form a group that
+    all agree with one another is canonical. Tolerance is not transitive (a ~ b and b ~ c does not
+    give a ~ c), so every member must agree with every other, not just with the candidate: an
+    accepted group never holds two results that disagree. One vote per owner: a second node of the
+    same owner adds no independent evidence."""
     best = 0
     for candidate in votes:
-        agreeing = [v for v in votes if v is candidate or agree(candidate, v, tol)]
-        owners = {v.owner for v in agreeing}
-        if len(owners) >= k:
-            # one vote per owner: a second node of the same owner adds no independent evidence
-            seen: set[str] = set()
-            group = []
-            for v in agreeing:
-                if v.owner not in seen:
-                    seen.add(v.owner)
-                    group.append(v)
+        group = [candidate]
+        for v in votes:
+            if v is candidate or any(v.owner == g.owner for g in group):
+                continue
+            if all(agree(g, v, tol) for g in group):
+                group.append(v)
+        if len(group) >= k:
             return Accepted(canonical=candidate, agreeing=tuple(group))
-        best = max(best, len(owners))
+        best = max(best, len(group))
     return Undecided(have=len(votes), best_group=best)

@@ -28,6 +28,9 @@ class JobSpec:
     # Invalid results (errors, NaN, wrong shapes) a task may collect before it fails: BOINC's
     # max_error_results. Without it, a task every node fails would wait forever for a new node.
     max_errors: int = 3
+    # Wall-clock seconds after `created_at` by which every task must be decided; a task the network
+    # cannot decide by then fails with the reason it could not (0: the coordinator's default).
+    deadline_seconds: float = 0.0
     # The account (by name) that submitted the job: it alone reads the job, and pays for it.
     submitter: str = ""
     # sha256 hex of the job's read token: whoever holds the token may read status and outputs.
@@ -56,6 +59,17 @@ class TaskRecord:
     last_problem: str | None = None
     canonical_digest: str | None = None
     error: str | None = None
+    need: int = 0  # agreeing owners this task needs now: the job's k, or 1 for a trusted node's solo run
+    error_owners: set[str] = field(default_factory=set)  # owners whose nodes reported it invalid
+    problems: dict[str, int] = field(default_factory=dict)  # invalid-result reason -> distinct owners
+    truth: Vote | None = None  # the coordinator's own outputs, once it audited the task
+    auditing: bool = False  # an audit is running: no verdict until it answers
+    error_nodes: list[tuple[str, str]] = field(default_factory=list)  # (node, owner) that reported errors
+    avoid: dict[str, float] = field(default_factory=dict)  # node -> until when (monotonic) it may not retake it
+    paid: tuple[Credit, ...] = ()  # the credits of its verdict (kept to claw back if reopened)
+    paid_leases: tuple[str, ...] = ()
+    charge: Charge | None = None
+    notes: list[str] = field(default_factory=list)  # why it was replicated, audited, rejected (last few)
 
     @property
     def rows(self) -> int:
@@ -98,8 +112,6 @@ class LeaseRecord:
     deadline: float  # monotonic: what this process times out on
 
 
-# Lease endings that mean the task never ran on that node: they do not count as tries.
-NEVER_RAN = frozenset({"released", "unsent"})
 
 
 # Persistence operations, applied in order, one transaction per batch (group commit).
@@ -152,4 +164,21 @@ class BlobPut:
     data: bytes
 
 
-Op = LeaseIssued | LeaseClosed | ResultRecorded | TaskDecided | JobFinished | BlobPut
+@dataclass(frozen=True, slots=True)
+class TaskReopened:
+    """A verified task goes back to open: a result it was accepted on came from a node later caught
+    returning wrong results, and had stood on trust alone. The credits it paid are clawed back and
+    the submitter's charge refunded, by new ledger entries (history is never edited); the task runs
+    again and is charged again when it verifies. If the job had finished, it is running again."""
+
+    task: str
+    job: str
+    reason: str
+    bad_lease: str  # the lease whose result is no longer believed: keys the ledger entries
+    credits: tuple[Credit, ...]  # what the task paid, to claw back
+    charge: Charge | None  # what its submitter paid, to refund
+    job_reopened: bool  # the job had finished and runs again
+    at: float
+
+
+Op = LeaseIssued | LeaseClosed | ResultRecorded | TaskDecided | JobFinished | BlobPut | TaskReopened

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .records import NEVER_RAN, JobRecord, JobSpec, LeaseRecord, TaskRecord
+from .records import JobRecord, JobSpec, LeaseRecord, TaskRecord
 from .scheduler import JobState, TaskState
 
 
@@ -135,8 +135,8 @@ def _open_task(t: TaskRow, leases: Sequence[LeaseRow],
             live.append(LeaseRecord(id=lease.id, task=lease.task, job=lease.job, node=lease.node,
                                     owner=lease.owner, issued_at=lease.issued_at, expires_at=lease.expires_at,
                                     deadline=0.0))
-        elif lease.state not in NEVER_RAN:
-            rec.attempts += 1
+        elif lease.state == "reported":
+            rec.attempts += 1  # only results are tries (Engine._close)
     votes = [StoredVote(r.task, r.lease, r.node, r.owner, r.output_digest) for r in results if r.problem is None]
     # Exclusions as the running engine keeps them (Engine._track, _close, on_result): a node that
     # holds a live lease or reported on the task, valid or not, stays excluded; an owner while one

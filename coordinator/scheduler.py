@@ -1,8 +1,9 @@
 """Pure: the task life cycle and what a task needs next.
 
-Life cycle `open → verified | failed` as a transition table (after h11's _state.py): anything not
-listed is our bug and raises. A task is `open` while it collects replicas; `plan_replicas` says how
-many more leases to issue, or that it has run out of tries (BOINC's transitioner, as a function).
+Life cycle `open -> verified | failed`, and `verified -> open` when a task is reopened, as a
+transition table (after h11's _state.py): anything not listed is our bug and raises. A task is
+`open` while it collects replicas; `plan_replicas` says how many more leases to issue, or that it
+has run out of tries (BOINC's transitioner, as a function).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class JobState(StrEnum):
 
 _TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.OPEN: frozenset({TaskState.VERIFIED, TaskState.FAILED}),
-    TaskState.VERIFIED: frozenset(),
+    # A verified task reopens when a result it stood on came from a node caught cheating later.
+    TaskState.VERIFIED: frozenset({TaskState.OPEN}),
     TaskState.FAILED: frozenset(),
 }
 

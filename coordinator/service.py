@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import random
 import secrets
 import socket
 import time
@@ -28,26 +29,30 @@ from protocol.signing import Identity
 from protocol.tensors import Tensor, concat_rows, decode_tensor_map, digest_tensors
 from protocol.topics import Topics, namespace_prefix
 
+from .audit import Auditor
 from .broker_acl import DynamicSecurity, parse_admin
 from .budget import Budget
-from .engine import Engine
+from .engine import AuditRequest, Engine
 from .jobs import JobOptions, plan_job
 from .membership import Membership
 from .model_probe import probe_model
 from .models import inspect_model
 from .queries import CoordinatorQueries, JobView, LeaseView, NodeView
 from .quorum import Vote
-from .records import JobFinished, JobRecord, TaskDecided
+from .records import JobFinished, JobRecord, TaskDecided, TaskReopened
 from .scheduler import JobState
 from .settings import CoordinatorSettings
 from .store import CoordinatorStore
 from .store_factory import open_store
+from .trust import TrustBook, TrustPolicy
 
 log = logging.getLogger("sparecycles.coordinator")
 T = TypeVar("T")
 
 
 OFF_LOOP_BYTES = 1 << 20
+MAX_PENDING_UPLOADS = 100_000
+REQUEST_MAX_AGE = 300.0  # seconds: a work request older than this (by its seq) is a replay
 
 
 async def off_loop(size: int, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -67,8 +72,17 @@ class Coordinator:
         # also gives it a topic namespace of its own.
         self.identity = Identity.generate() if key_path is None else Identity.load_or_create(Path(key_path))
         self.topics = Topics(settings.topic_prefix or namespace_prefix(self.identity.id[:12]))
+        policy = TrustPolicy(trusted_after=settings.trusted_after, min_audit_rate=settings.min_audit_rate,
+                             untrusted_audit_rate=settings.untrusted_audit_rate, block_after=settings.block_after,
+                             adaptive=settings.adaptive)
         self.engine = Engine(lease_seconds=settings.lease_seconds, max_inline_bytes=settings.max_inline_bytes,
-                             new_id=lambda: secrets.token_hex(16))
+                             new_id=lambda: secrets.token_hex(16),
+                             trust=TrustBook(policy, trusted_owners=frozenset(settings.trusted_owners)),
+                             rng=random.Random(), silence_seconds=settings.silence_seconds,
+                             job_deadline=settings.job_deadline)
+        self.auditor = Auditor(workers=settings.audit_workers)
+        self._audit_tasks: set[asyncio.Task[None]] = set()
+        self._uploads: dict[str, str] = {}  # lease -> the output digest its node uploaded under it
         self.counters: Counter[str] = Counter()
         self._client: aiomqtt.Client | None = None
         self._dirty = asyncio.Event()
@@ -102,9 +116,10 @@ class Coordinator:
                        asyncio.create_task(self._sweep_loop(), name="sweep")]
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._audit_tasks]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._audit_tasks, return_exceptions=True)
+        await self.auditor.close()
         await self._flush_now()
         await self.store.close()
 
@@ -141,7 +156,7 @@ class Coordinator:
                     self.membership.job_closed(job.spec.submitter)
             self.engine.add_job(job, by_job.get(job.spec.id, []), now_wall=wall)
         for lease in snap.live_leases:
-            self.engine.restore_lease(replace(lease, deadline=now + max(0.0, lease.expires_at - wall)))
+            self.engine.restore_lease(replace(lease, deadline=now + max(0.0, lease.expires_at - wall)), now=now)
         resumed = sum(1 for j in snap.jobs if j.state == "running")
         if snap.jobs:
             log.info("restored jobs=%d running=%d open_tasks=%d live_leases=%d votes=%d", len(snap.jobs),
@@ -210,6 +225,15 @@ class Coordinator:
     async def blob(self, digest: str) -> bytes | None:
         return await self.store.get_blob(digest)
 
+    async def put_output_blob(self, lease: str, digest: str, data: bytes) -> None:
+        """A node's outputs, too large to go inline, uploaded under its own live lease (checked by
+        the caller, as is the digest). Only this upload can back that lease's result: a node that
+        names the digest of another node's upload without uploading has copied, and counts nothing."""
+        await self.store.put_blob(digest, data)
+        self._uploads[lease] = digest
+        while len(self._uploads) > MAX_PENDING_UPLOADS:  # uploads whose result never came
+            del self._uploads[next(iter(self._uploads))]
+
     async def put_blob(self, digest: str, data: bytes) -> None:
         """Store a blob whose digest the caller has checked against its content."""
         await self.store.put_blob(digest, data)
@@ -223,6 +247,11 @@ class Coordinator:
 
     def nodes(self) -> list[NodeView]:
         return self.engine.node_views()
+
+    def trust(self, node: str) -> dict[str, Any]:
+        """Why a node is or is not trusted, its record, and how many leases it may hold."""
+        record = self.membership.accounts.node(node)
+        return self.engine.trust_view(node, record.owner if record is not None else None)
 
     # ---- ledger reads -------------------------------------------------------------------------
     async def ledger_balances(self) -> Balances:
@@ -310,8 +339,42 @@ class Coordinator:
 
     # ---- persistence --------------------------------------------------------------------------
     def _mark_dirty(self) -> None:
+        if self.engine.audits or self.engine.blocked:
+            self._hand_off_engine_events()
         if self.engine.ops:
             self._dirty.set()
+
+    def _hand_off_engine_events(self) -> None:
+        """Start the audits the engine asked for (each in the sandboxed auditor, answered to the
+        engine when done), and persist the owners it blocked."""
+        audits, self.engine.audits = self.engine.audits, []
+        for request in audits:
+            task = asyncio.create_task(self._audit(request), name=f"audit-{request.task}")
+            self._audit_tasks.add(task)
+            task.add_done_callback(self._audit_tasks.discard)
+        blocked, self.engine.blocked = self.engine.blocked, []
+        for owner, reason in blocked:
+            log.warning("owner blocked owner=%s reason=%r", owner, reason)
+            task = asyncio.create_task(self._block(owner), name=f"block-{owner}")
+            self._audit_tasks.add(task)
+            task.add_done_callback(self._audit_tasks.discard)
+
+    async def _audit(self, request: AuditRequest) -> None:
+        outcome = await self.auditor.run_request(request, self.store)
+        self.counters["audits_run"] += 1
+        self.counters["audit_ms"] += round(outcome.seconds * 1000)
+        if outcome.problem is not None:
+            log.warning("audit could not run task=%s problem=%r", request.task, outcome.problem)
+        await self._send(self.engine.on_audit(request.task, outcome.outputs, outcome.problem, now=time.monotonic(),
+                                              now_wall=time.time()))
+        await self._publish_outgoing()
+        self._mark_dirty()
+
+    async def _block(self, owner: str) -> None:
+        try:
+            await self.membership.set_blocked(owner, True)
+        except Exception:
+            log.exception("persisting the block of owner=%s failed", owner)
 
     async def _flush_now(self) -> None:
         """Commit every op produced so far, in one transaction, after any commit in flight."""
@@ -327,6 +390,8 @@ class Coordinator:
             for op in ops:
                 if isinstance(op, TaskDecided) and op.charge is not None:
                     self.budget.settle(op.charge.job, op.charge.amount)  # committed: the balance has dropped
+                if isinstance(op, TaskReopened) and op.charge is not None:
+                    self.budget.reopen(op.charge.account, op.job, op.charge.amount)
                 if isinstance(op, JobFinished):
                     self.budget.release(op.job)
                     job = self.engine.jobs.get(op.job)
@@ -409,6 +474,11 @@ class Coordinator:
             if kind == "status" and isinstance(msg, Status):
                 await self._on_status(msg, now=now, wall=wall)
             elif kind == "work" and isinstance(msg, WorkRequest):
+                if msg.seq < (wall - REQUEST_MAX_AGE) * 1000:
+                    # Its seq is the node's wall clock in ms: an old request replayed (after our
+                    # restart, when nothing newer from the node is known yet) is refused.
+                    self.counters["rejected_stale_work_request"] += 1
+                    return
                 # The owner is the one the node's certificate names, never the one it claims.
                 owner = self.membership.owner_of(node, wall)
                 if owner is None:
@@ -461,18 +531,20 @@ class Coordinator:
                 continue
             outputs, problem = None, result.error
             if problem is None:
-                outputs, problem = await self._load_outputs(result.outputs, result.output_digest)
+                outputs, problem = await self._load_outputs(result.outputs, result.output_digest, result.lease)
             wall = time.time()
             await self._send(self.engine.on_result(node, result, outputs, problem, now=time.monotonic(),
                                                    now_wall=wall))
 
-    async def _load_outputs(self, inline: Mapping[str, Tensor] | None,
-                            digest: str) -> tuple[dict[str, npt.NDArray[Any]] | None, str | None]:
+    async def _load_outputs(self, inline: Mapping[str, Tensor] | None, digest: str,
+                            lease: str) -> tuple[dict[str, npt.NDArray[Any]] | None, str | None]:
         if inline is not None:
             if digest_tensors(inline) != digest:
                 return None, "outputs do not match their digest"
             # Not stored yet: the engine stores only the accepted outputs, when it accepts them.
             return {n: t.to_array() for n, t in inline.items()}, None
+        if self._uploads.pop(lease, None) != digest:
+            return None, "outputs were neither inline nor uploaded under this node's lease"
         blob = await self.store.get_blob(digest)
         if blob is None:
             return None, "outputs were neither inline nor uploaded"

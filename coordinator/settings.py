@@ -30,11 +30,21 @@ class CoordinatorSettings:
     starting_grant: int | None = None  # credit for each new account; default: 10**12 if open, else 0
     operator_keys: tuple[str, ...] = ()  # hex public keys allowed to manage accounts (besides ours)
     min_replicas: int | None = None  # lowest replicas a submitter may ask for; default min(2, replicas)
-    request_rate: float = 50.0  # signed requests per second per account...
-    request_burst: float = 200.0  # ...after a burst of this many
+    request_rate: float = 200.0  # signed requests per second per account...
+    request_burst: float = 800.0  # ...after a burst of this many
     max_open_jobs: int = 100  # running jobs per account
     max_stored_bytes: int = 10 * 1024**3  # job inputs and models per account
     broker_admin: str | None = None  # USER:PASSWORD of the broker's dynamic-security admin
+    # Verification (coordinator/trust.py, capacity.py, audit.py).
+    trusted_owners: tuple[str, ...] = ()  # accounts whose results the operator takes as ground truth
+    trusted_after: int = 10  # consecutive audited-valid results before a node's results may stand alone
+    min_audit_rate: float = 0.05  # a trusted node's results are audited at max(this, 1/streak)
+    untrusted_audit_rate: float = 1.0  # agreement among untrusted owners is audited at this rate
+    adaptive: bool = True  # trusted nodes run fresh tasks alone (one replica)
+    block_after: int = 3  # results shown wrong before an owner is blocked
+    silence_seconds: float = 10.0  # a node silent this long (it heartbeats every 2 s) loses its leases
+    job_deadline: float = 3600.0  # default seconds for a job's tasks to be decided, or fail with a reason
+    audit_workers: int = 1  # sandboxed processes running audits at once
 
     def __post_init__(self) -> None:
         if self.registration not in ("open", "invite", "closed"):

@@ -314,7 +314,9 @@ class Node:
 
     async def _request(self, client: aiomqtt.Client, slots: int) -> None:
         self._announced = slots
-        self._seq += 1
+        # Wall-clock milliseconds, strictly increasing: the coordinator refuses requests older than a
+        # few minutes, so a request captured on an open broker cannot be replayed after its restart.
+        self._seq = max(self._seq + 1, time.time_ns() // 1_000_000)
         request = WorkRequest(node=self.id, owner=self.settings.owner, slots=slots,
                               models=self.cache.digests(), runtime=self.runtime, seq=self._seq,
                               held=(*self.held, *(r.lease for r in self.outbox.results)))

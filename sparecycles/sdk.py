@@ -48,6 +48,9 @@ from .npz import from_npz, to_npz
 NPZ = "application/x-npz"
 PAGE_LIMIT = 1000
 CONNECT_TIMEOUT = 10.0
+# 429s with a Retry-After up to this many seconds are waited out, at most this many times.
+RATE_LIMIT_WAIT = 5.0
+RATE_LIMIT_RETRIES = 3
 # While waiting, polls back off from `poll` to this ceiling when the coordinator does not answer.
 MAX_RETRY_DELAY = 5.0
 JOB_TOKEN_HEADER = "X-Sparecycles-Job-Token"
@@ -184,6 +187,13 @@ class Client:
         sign: bool = True,
     ) -> bytes:
         answer = await self._send(method, path, params=params, data=data, headers=headers, sign=sign)
+        for _ in range(RATE_LIMIT_RETRIES):
+            # A short 429 is sat out and retried (the coordinator kept nothing of the refused
+            # request, so even a POST is safe to repeat); a long one is the caller's to handle.
+            if answer.status != 429 or answer.retry_after is None or answer.retry_after > RATE_LIMIT_WAIT:
+                break
+            await asyncio.sleep(answer.retry_after)
+            answer = await self._send(method, path, params=params, data=data, headers=headers, sign=sign)
         if answer.status >= 400:
             raise rejection(answer.status, _error_message(answer), method=method, path=path,
                             retry_after=answer.retry_after)
@@ -280,9 +290,12 @@ class Client:
         replicas: int | None = None,
         task_size: int | None = None,
         final: str | None = None,
+        deadline: int | None = None,
     ) -> dict[str, Any]:
         """POST the inputs as NPZ; returns `{"job", "rows", "tasks"}` and, from a coordinator with
-        accounts, `"read_token"`: pass it as `read_token=` to `status`, `wait` and `outputs`."""
+        accounts, `"read_token"`: pass it as `read_token=` to `status`, `wait` and `outputs`.
+        `deadline`: seconds for every task to be decided, else it fails with the reason (default:
+        the coordinator's `--job-deadline`)."""
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
         for name, arr in arrays.items():
             # the coordinator would refuse these too, but only after the whole upload
@@ -290,7 +303,8 @@ class Client:
                 raise SparecyclesError(
                     f"input {name!r} has dtype {arr.dtype.name}; allowed: {', '.join(sorted(ALLOWED_DTYPES))}"
                 )
-        params = {"model": model_digest, "replicas": replicas, "task_size": task_size, "final": final}
+        params = {"model": model_digest, "replicas": replicas, "task_size": task_size, "final": final,
+                  "deadline": deadline}
         answer = await self._json("POST", "/v1/jobs", params=params, data=to_npz(arrays),
                                   headers={"Content-Type": NPZ})
         return _as_dict(answer, "/v1/jobs")
@@ -372,6 +386,15 @@ class Client:
         body = await self._call("GET", f"/v1/jobs/{quote(job, safe='')}/outputs",
                                 headers={"Accept": NPZ, **_token(read_token)})
         return from_npz(body)
+
+    # -- nodes -------------------------------------------------------------------------------------
+
+    async def trust(self, node: str) -> dict[str, Any]:
+        """Why `node` is or is not trusted (or is blocked), its record against the coordinator's own
+        checks (streak, valid, invalid, errors, audits passed and failed, last problem), the audit
+        rate of its results, and the leases it holds and may hold. Public: no key needed."""
+        path = f"/v1/nodes/{quote(node, safe='')}/trust"
+        return _as_dict(await self._json("GET", path, sign=False), path)
 
     # -- ledger ------------------------------------------------------------------------------------
 

@@ -18,12 +18,14 @@ from coordinator.records import (
     Op,
     ResultRecorded,
     TaskDecided,
+    TaskReopened,
 )
 from coordinator.scheduler import JobState, TaskState
-from coordinator.store import CoordinatorStore
+from coordinator.store import CoordinatorStore, StoreError
 from coordinator.store_factory import open_store
-from ledger.entries import Credit, Grant, charge_for
+from ledger.entries import Charge, Credit, Grant, charge_for
 from ledger.errors import InvalidEntry
+from ledger.verify import find_discrepancies
 
 META = {"model": "a" * 64, "flops_per_row": 10,
         "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 2]}],
@@ -130,7 +132,7 @@ async def test_a_restart_excludes_only_nodes_that_reported_or_still_hold_a_lease
     task = next(t for t in snap.tasks if t.id == t0)
     assert task.nodes == {"n4", "n5", "n6"}
     assert task.owners == {"owner-n5", "owner-n6"}
-    assert task.attempts == 4 and task.errors == 1  # expired, offline, two reported; released is no try
+    assert task.attempts == 2 and task.errors == 1  # only results are tries: the two reported leases
     assert [lv.id for lv in snap.live_leases] == ["l6"]
     assert [v.lease for v in snap.votes] == ["l5"]
 
@@ -226,3 +228,248 @@ async def test_accepted_results_name_their_jobs_submitter(store: CoordinatorStor
 
     rows = await store.accepted(0, 100)
     assert [(r["task"], r["submitter"]) for r in rows] == [(p0, "dave"), (f0, "")]
+
+
+# --- reopened tasks: clawbacks, refunds, and a second verdict (issue 8) ------------------------
+
+
+def paid_verdict(task: str, job: str, nodes: dict[str, str], *, submitter: str = "dave",
+                 amount: int = 5) -> TaskDecided:
+    """A verdict paying each node (node -> the lease accepted from it) under that lease's ref, as
+    the engine writes it."""
+    credits = tuple(Credit(node=node, owner=f"owner-{node}", job=job, task=task, amount=amount,
+                           result_digest="d" * 64, created_at=2.0, ref=lid) for node, lid in nodes.items())
+    charge = charge_for(credits, account=submitter, created_at=2.0) if submitter else None
+    return TaskDecided(task, TaskState.VERIFIED, "d" * 64, None, tuple(nodes.values()), credits, charge)
+
+
+def ran(task: str, job: str, nodes: dict[str, str], digest: str = "d" * 64) -> list[Op]:
+    """Each node leases, runs and reports `task` (node -> its lease)."""
+    ops: list[Op] = []
+    for node, lid in nodes.items():
+        ops += [LeaseIssued(lease(lid, task, job, node)),
+                ResultRecorded(lid, task, node, f"owner-{node}", digest, None, 2.0), LeaseClosed(lid, "reported")]
+    return ops
+
+
+def reopen(decided: TaskDecided, job: str, bad_lease: str, *, job_reopened: bool = False) -> TaskReopened:
+    return TaskReopened(task=decided.task, job=job, reason="node n1 failed an audit", bad_lease=bad_lease,
+                        credits=decided.credits, charge=decided.charge, job_reopened=job_reopened, at=3.0)
+
+
+async def documents(store: CoordinatorStore) -> tuple[list[dict[str, object]], list[dict[str, object]],
+                                                      dict[str, object]]:
+    """What `sparecycles ledger verify` fetches: entries, accepted results, balances."""
+    entries = [e.to_json() for e in await store.ledger_entries(0, 10_000)]
+    return entries, await store.accepted(0, 10_000), (await store.ledger_balances()).to_json()
+
+
+async def assert_conserved(store: CoordinatorStore) -> None:
+    balances = await store.ledger_balances()
+    assert sum(a.balance for a in balances.accounts) == balances.total_granted
+    for row in balances.accounts:
+        assert await store.account_balance(row.account) == row.balance
+
+
+async def submitted_and_verified(store: CoordinatorStore) -> tuple[str, str, str, TaskDecided]:
+    """dave's job, granted 100; its first task run by n1 alone (a trusted node's solo result) and
+    verified. Returns the job, that task, the other task, and the verdict."""
+    job, tasks, blobs = new_job(submitter="dave")
+    jid, t0 = job.spec.id, tasks[0].id
+    await store.create_job(job, tasks, blobs)
+    await store.grant("dave", 100, key="start:dave", memo="", created_at=1.0)
+    decided = paid_verdict(t0, jid, {"n1": f"{t0}-a"}, amount=7)
+    await store.apply([*ran(t0, jid, {"n1": f"{t0}-a"}), decided])
+    return jid, t0, tasks[1].id, decided
+
+
+async def test_a_reopen_claws_back_and_refunds_exactly_once(store: CoordinatorStore) -> None:
+    # Attack: a replayed reopen (a retried batch, a restart) must neither claw back nor refund twice.
+    jid, t0, _, decided = await submitted_and_verified(store)
+    assert [await store.account_balance(a) for a in ("dave", "owner-n1")] == [93, 7]
+
+    await store.apply([reopen(decided, jid, f"{t0}-a")])
+    await store.apply([reopen(decided, jid, f"{t0}-a")])
+
+    kinds = [(e.kind, e.account, e.amount) for e in await store.ledger_entries(0, 100)]
+    assert kinds == [("grant", "dave", 100), ("credit", "owner-n1", 7), ("charge", "dave", 7),
+                     ("clawback", "owner-n1", 7), ("refund", "dave", 7)]
+    assert [await store.account_balance(a) for a in ("dave", "owner-n1")] == [100, 0]
+    balances = await store.ledger_balances()
+    assert (balances.total_credits, balances.entries) == (0, 0)  # the contributors' view is net
+    [owner] = [a for a in balances.accounts if a.account == "owner-n1"]
+    assert (owner.earned, owner.clawed_back, owner.balance) == (7, 7, 0)
+    assert [e.kind for e in await store.ledger_history("n1")] == ["credit", "clawback"]
+    assert await store.canonical_digests(jid) == [None, None]
+    assert await store.accepted(0, 100) == []  # a result clawed back is no longer accepted
+    await assert_conserved(store)
+
+
+async def test_a_reopened_task_takes_a_new_verdict_that_credits_and_charges_again(store: CoordinatorStore) -> None:
+    # The caught node's task runs again; n1 (say, cleared) and n2 both run it, so n1 is credited a
+    # second time for the same task, under its new lease.
+    jid, t0, _, first = await submitted_and_verified(store)
+    await store.apply([reopen(first, jid, f"{t0}-a")])
+
+    second = paid_verdict(t0, jid, {"n1": f"{t0}-b", "n2": f"{t0}-c"}, amount=7)
+    await store.apply([*ran(t0, jid, {"n1": f"{t0}-b", "n2": f"{t0}-c"}), second])
+
+    assert [await store.account_balance(a) for a in ("dave", "owner-n1", "owner-n2")] == [86, 7, 7]
+    assert [(e.kind, e.amount) for e in await store.ledger_history("n1")] == [
+        ("credit", 7), ("clawback", 7), ("credit", 7)]
+    assert await store.canonical_digests(jid) == ["d" * 64, None]
+    assert {(r["node"], r["task_state"]) for r in await store.accepted(0, 100)} == {
+        ("n1", "verified"), ("n2", "verified")}
+    await assert_conserved(store)
+
+
+async def test_replays_after_a_second_verdict_change_nothing(store: CoordinatorStore) -> None:
+    # Attack: an old batch replayed late must not re-verify the task on the result no longer believed,
+    # nor reopen the task again, nor pay or charge anyone twice.
+    jid, t0, _, first = await submitted_and_verified(store)
+    second = paid_verdict(t0, jid, {"n2": f"{t0}-b", "n3": f"{t0}-c"})
+    await store.apply([reopen(first, jid, f"{t0}-a")])
+    await store.apply([*ran(t0, jid, {"n2": f"{t0}-b", "n3": f"{t0}-c"}), second])
+    size = len(await store.ledger_entries(0, 100))
+
+    await store.apply([first])
+    await store.apply([reopen(first, jid, f"{t0}-a")])
+    await store.apply([second])
+
+    assert len(await store.ledger_entries(0, 100)) == size
+    assert await store.canonical_digests(jid) == ["d" * 64, None]
+    assert {r["node"] for r in await store.accepted(0, 100)} == {"n2", "n3"}
+    assert [await store.account_balance(a) for a in ("dave", "owner-n1", "owner-n2")] == [90, 0, 5]
+
+
+async def test_an_old_verdict_replayed_onto_the_reopened_task_is_dropped(store: CoordinatorStore) -> None:
+    # Attack: the verdict that stood on the cheat's result, redelivered while the task is open again.
+    jid, t0, _, first = await submitted_and_verified(store)
+    await store.apply([reopen(first, jid, f"{t0}-a")])
+
+    await store.apply([first])
+
+    assert await store.canonical_digests(jid) == [None, None]
+    assert [t.id for t in (await store.load()).tasks if t.id == t0] == [t0]
+    assert await store.account_balance("owner-n1") == 0
+
+
+async def test_verdict_reopen_and_new_verdict_in_one_batch_apply_in_order(store: CoordinatorStore) -> None:
+    jid, t0, _, first = await submitted_and_verified(store)
+    second = paid_verdict(t0, jid, {"n2": f"{t0}-b"}, amount=7)
+
+    await store.apply([reopen(first, jid, f"{t0}-a"), *ran(t0, jid, {"n2": f"{t0}-b"}), second])
+
+    assert [e.kind for e in await store.ledger_entries(0, 100)] == [
+        "grant", "credit", "charge", "clawback", "refund", "credit", "charge"]
+    assert await store.canonical_digests(jid) == ["d" * 64, None]
+    assert [await store.account_balance(a) for a in ("dave", "owner-n1", "owner-n2")] == [93, 0, 7]
+
+
+async def test_a_new_verdict_reusing_the_old_keys_is_refused_and_writes_nothing(store: CoordinatorStore) -> None:
+    # Credits without a ref key the new charge like the refunded one: written, the submitter would
+    # not pay for the second verdict while its contributors are paid. Refused loudly, whole.
+    jid, t0, _, first = await submitted_and_verified(store)
+    await store.apply([reopen(first, jid, f"{t0}-a")])
+    size = len(await store.ledger_entries(0, 100))
+    unkeyed = TaskDecided(t0, TaskState.VERIFIED, "e" * 64, None, (f"{t0}-b",),
+                          (Credit(node="n2", owner="owner-n2", job=jid, task=t0, amount=7, result_digest="e" * 64,
+                                  created_at=4.0),),
+                          Charge(account="dave", job=jid, task=t0, amount=7, created_at=4.0, ref=f"{t0}-a-x"))
+    clash = TaskDecided(t0, TaskState.VERIFIED, "e" * 64, None, (f"{t0}-c",), unkeyed.credits,
+                        Charge(account="dave", job=jid, task=t0, amount=7, created_at=5.0, ref=f"{t0}-c"))
+
+    await store.apply([unkeyed])  # no key in common with the first verdict: fine
+    await store.apply([reopen(unkeyed, jid, f"{t0}-b")])
+    with pytest.raises(StoreError, match="reuses ledger keys"):
+        await store.apply([clash])
+
+    assert len(await store.ledger_entries(0, 100)) == size + 4
+    assert await store.canonical_digests(jid) == [None, None]
+
+
+async def test_a_reopen_of_a_task_not_verified_changes_nothing(store: CoordinatorStore) -> None:
+    job, tasks, blobs = new_job(submitter="dave")
+    jid, t0 = job.spec.id, tasks[0].id
+    await store.create_job(job, tasks, blobs)
+    never = paid_verdict(t0, jid, {"n1": f"{t0}-a"})
+
+    await store.apply([reopen(never, jid, f"{t0}-a", job_reopened=True)])
+
+    assert await store.ledger_entries(0, 100) == []
+
+
+async def test_a_reopened_job_loads_running_with_the_task_open_and_fresh(store: CoordinatorStore) -> None:
+    # Attack: after a restart, the caught node's vote must not come back and verify the task again.
+    jid, t0, t1, first = await submitted_and_verified(store)
+    await store.apply([*ran(t1, jid, {"n2": f"{t1}-a", "n3": f"{t1}-b"}),
+                       paid_verdict(t1, jid, {"n2": f"{t1}-a", "n3": f"{t1}-b"}),
+                       JobFinished(jid, JobState.DONE, None, 4.0)])
+    assert (await store.load()).jobs[0].state is JobState.DONE
+
+    await store.apply([reopen(first, jid, f"{t0}-a", job_reopened=True), LeaseIssued(lease(f"{t0}-b", t0, jid, "n2"))])
+
+    snap = await store.load()
+    [job] = snap.jobs
+    assert (job.state, job.finished_at, job.verified) == (JobState.RUNNING, None, 1)
+    [task] = snap.tasks
+    assert (task.id, task.state, task.attempts, task.errors) == (t0, TaskState.OPEN, 0, 0)
+    assert task.nodes == {"n2"} and snap.votes == []
+    assert [lv.id for lv in snap.live_leases] == [f"{t0}-b"]
+
+
+async def test_a_reopened_job_is_running_after_reopening_the_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.db"
+    s = open_store(url)
+    try:
+        jid, t0, t1, first = await submitted_and_verified(s)
+        await s.apply([paid_verdict(t1, jid, {"n2": f"{t1}-a"}), JobFinished(jid, JobState.DONE, None, 4.0)])
+        await s.apply([reopen(first, jid, f"{t0}-a", job_reopened=True)])
+    finally:
+        await s.close()
+
+    s2 = open_store(url)
+    try:
+        snap = await s2.load()
+        assert snap.jobs[0].state is JobState.RUNNING and [t.id for t in snap.tasks] == [t0]
+        assert snap.votes == [] and await s2.account_balance("dave") == 95
+        await s2.apply([paid_verdict(t0, jid, {"n3": f"{t0}-b"})])
+        assert await s2.canonical_digests(jid) == ["d" * 64, "d" * 64]
+        await assert_conserved(s2)
+    finally:
+        await s2.close()
+
+
+async def test_the_ledger_verifies_across_a_reopen_and_a_second_verdict(store: CoordinatorStore) -> None:
+    jid, t0, t1, first = await submitted_and_verified(store)
+    await store.apply([*ran(t1, jid, {"n2": f"{t1}-a", "n3": f"{t1}-b"}),
+                       paid_verdict(t1, jid, {"n2": f"{t1}-a", "n3": f"{t1}-b"})])
+    assert find_discrepancies(*await documents(store)) == []
+
+    await store.apply([reopen(first, jid, f"{t0}-a")])
+    assert find_discrepancies(*await documents(store)) == []
+
+    await store.apply([*ran(t0, jid, {"n1": f"{t0}-b", "n2": f"{t0}-c"}),
+                       paid_verdict(t0, jid, {"n1": f"{t0}-b", "n2": f"{t0}-c"})])
+    assert find_discrepancies(*await documents(store)) == []
+    await assert_conserved(store)
+
+
+async def test_verify_flags_a_reopen_that_missed_a_clawback(store: CoordinatorStore) -> None:
+    # Attack: the task is reopened and its submitter refunded, but one contributor keeps the
+    # credit for the result no longer believed: credit made from nothing.
+    job, tasks, blobs = new_job(submitter="dave")
+    jid, t0 = job.spec.id, tasks[0].id
+    await store.create_job(job, tasks, blobs)
+    await store.grant("dave", 100, key="start:dave", memo="", created_at=1.0)
+    first = paid_verdict(t0, jid, {"n1": f"{t0}-a", "n2": f"{t0}-b"})
+    await store.apply([*ran(t0, jid, {"n1": f"{t0}-a", "n2": f"{t0}-b"}), first])
+
+    short = TaskReopened(task=t0, job=jid, reason="audit failed", bad_lease=f"{t0}-a", credits=first.credits[:1],
+                         charge=first.charge, job_reopened=False, at=3.0)
+    await store.apply([short])
+
+    found = find_discrepancies(*await documents(store))
+    assert found[0] == (f"seq 3 (task {t0}, node n2): task {t0} was reopened (lease {t0}-a), "
+                        "but this credit was not clawed back")
+    assert found[-1] == "account balances add up to 105, but 100 credits were granted: 5 credits were made from nothing"

@@ -357,8 +357,9 @@ def test_a_node_claiming_another_owner_earns_for_its_certifier_and_an_uncertifie
             await until(both_asked, "alice's node and mallory's to wait for work, the uncertified one refused")
 
             async with submitter(network.url) as c:
-                job = await c.submit(await c.ensure_model(MODEL), {"x": x}, task_size=5)
-                held = await m.receive(4)  # one replica of each task, as mallory's
+                # two tasks: a new node holds at most two leases (coordinator/capacity.py)
+                job = await c.submit(await c.ensure_model(MODEL), {"x": x}, task_size=10)
+                held = await m.receive(2)  # one replica of each task, as mallory's
                 # u copies a lease it saw go to another node and reports honest outputs for it
                 async with asyncio.timeout(30):
                     copied = opened_assignments(await anext(u_conn.messages), api.prefix, api.coordinator_key)
@@ -374,13 +375,13 @@ def test_a_node_claiming_another_owner_earns_for_its_certifier_and_an_uncertifie
 
             balances = await api.balances()
             m_rows = [(n["node"], n["owner"], n["entries"]) for n in balances["nodes"] if n["node"] == m.id]
-            assert m_rows == [(m.id, "mallory", 4)]
+            assert m_rows == [(m.id, "mallory", 2)]
             assert u.id not in {n["node"] for n in balances["nodes"]}
             _, entries, _ = await api("GET", "/v1/ledger/entries")
             credits = [e for e in entries["entries"] if e["kind"] == "credit"]
             assert {(e["node"], e["owner"]) for e in credits if e["node"] == m.id} == {(m.id, "mallory")}
             assert {e["task"] for e in credits if e["node"] == m.id} == {a.task for a in held}
-            assert len({a.task for a in held}) == 4
+            assert len({a.task for a in held}) == 2
             alice_node = {e["node"] for e in credits if e["owner"] == "alice"}
             assert len(alice_node) == 1 and m.id not in alice_node
             assert [n["node"] for n in (await api.me(mallory))["nodes"]] == [m.id]
@@ -434,9 +435,9 @@ def test_a_forged_or_replayed_offline_revokes_no_lease_and_only_the_submitter_or
             await v.ask(4, owner="alice")
             await until(lambda: _waiting(api, 1), "the node to wait for work")
             async with submitter(network.url) as c:
-                job = await c.submit(await c.ensure_model(MODEL), {"x": x}, task_size=2)
-            leases = await v.receive(4)
-            assert (await api.health())["live_leases"] == 4
+                job = await c.submit(await c.ensure_model(MODEL), {"x": x}, task_size=4)
+            leases = await v.receive(2)  # a new node holds at most two leases (coordinator/capacity.py)
+            assert (await api.health())["live_leases"] == 2
             before = await api.counters()
 
             topic = v.topics.status(v.id)
@@ -452,7 +453,7 @@ def test_a_forged_or_replayed_offline_revokes_no_lease_and_only_the_submitter_or
                 "rejected_stale_status")})
 
             health = await api.health()
-            assert health["live_leases"] == 4 and health["jobs"] == {"running": 1}
+            assert health["live_leases"] == 2 and health["jobs"] == {"running": 1}
             for a in leases:  # each lease still lets its node fetch its inputs: it is live
                 assert await api.fetch_status(v.identity, f"/v1/blobs/{a.input_digest}", lease=a.lease) == 200
 
@@ -789,3 +790,26 @@ def test_registration_policies_hold_names_are_bound_to_keys_and_a_blocked_owner_
             assert len(await node.receive(2)) == 2
 
     asyncio.run(blocked())
+
+
+def test_a_work_request_replayed_after_minutes_is_refused(network: Network) -> None:
+    """Attack: a node's signed WorkRequest captured on an open broker is replayed later (after a
+    coordinator restart nothing newer from the node is known) to hand work to a node that is gone.
+    Refused: a request's seq is its node's wall clock in ms, and one older than 5 minutes is counted
+    as rejected_stale_work_request and changes nothing; a fresh one gets work."""
+
+    async def scenario() -> None:
+        async with api_for(network.url) as api, aiomqtt.Client(*BROKER) as conn:
+            owner = Identity.generate()
+            node = Puppet(conn, api)
+            assert (await api.register(owner, "ruth"))[0] == 201
+            assert (await api.certify(node.identity, certificate(owner, node.identity)))[0] == 200
+            await node.listen()
+            old = WorkRequest(node=node.id, owner="ruth", slots=2, seq=(time.time_ns() // 1_000_000) - 600_000)
+            await conn.publish(node.topics.work(node.id), node.seal(old), qos=1)
+            await counted(api, rejected_stale_work_request=1)
+            assert (await api.health())["nodes_waiting"] == 0
+            await node.ask(2, owner="ruth")
+            await until(lambda: _waiting(api, 1), "the fresh request to be served")
+
+    asyncio.run(scenario())

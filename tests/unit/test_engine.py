@@ -12,6 +12,7 @@ from coordinator.jobs import JobOptions, plan_job
 from coordinator.quorum import Vote
 from coordinator.records import JobFinished, LeaseClosed, TaskDecided
 from coordinator.scheduler import JobState, TaskState
+from coordinator.trust import TrustBook, TrustPolicy
 from protocol.messages import Assignment, Result
 from protocol.tensors import digest_tensors, tensors_from_arrays
 
@@ -23,7 +24,10 @@ META = {"model": "a" * 64, "flops_per_row": 1000,
 def make_engine(rows: int = 4, task_size: int = 2, replicas: int = 2, max_results: int | None = None,
                 prefix: str = "lease") -> Engine:
     counter = itertools.count()
-    engine = Engine(lease_seconds=10, max_inline_bytes=1 << 20, new_id=lambda: f"{prefix}{next(counter)}")
+    # Classic quorum (no audits, no adaptive replication): the state machine's plumbing;
+    # tests/unit/test_verification.py covers audits and trust.
+    engine = Engine(lease_seconds=10, max_inline_bytes=1 << 20, new_id=lambda: f"{prefix}{next(counter)}",
+                    trust=TrustBook(TrustPolicy(untrusted_audit_rate=0.0, adaptive=False)))
     job, tasks, _ = plan_job(META, {"x": np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)},
                              JobOptions(replicas=replicas, task_size=task_size, max_results=max_results,
                                         final="argmax"), now_wall=0.0, max_inline_bytes=1 << 20)
@@ -90,9 +94,12 @@ def test_an_expired_lease_is_reissued_to_another_node() -> None:
     engine.on_work_request("n3", "o3", 1, 1, now=0, now_wall=0)
     out = engine.sweep(now=11, now_wall=11)
     assert any(isinstance(op, LeaseClosed) and op.state == "expired" for op in engine.ops)
-    reissued = [a for items in out.values() for a in items]
-    assert [a.task for a in reissued] == [next(iter(engine.tasks))] * 2
-    assert len({a.lease for a in reissued}) == 2
+    # The nodes that let their leases lapse do not get the task straight back: the third does now,
+    # and they may again only after a lease's time, if nobody else has taken it by then.
+    assert {node: [a.task for a in items] for node, items in out.items()} == {"n3": [next(iter(engine.tasks))]}
+    assert engine.on_work_request("n1", "o1", 1, 2, now=12, now_wall=12) == {}
+    later = engine.on_work_request("n1", "o1", 1, 3, now=22, now_wall=22)
+    assert [a.task for a in later["n1"]] == [next(iter(engine.tasks))]
 
 
 def test_a_released_lease_may_go_back_to_the_same_owner_when_nobody_else_can_take_it() -> None:
@@ -108,7 +115,9 @@ def test_capacity_counts_the_leases_a_node_already_holds() -> None:
     engine = make_engine(rows=8, task_size=2)
     first = engine.on_work_request("n1", "o1", 3, 1, now=0, now_wall=0)["n1"]
     repeat = engine.on_work_request("n1", "o1", 3, 2, now=0, now_wall=0)
-    assert len(first) == 3 and repeat == {}
+    # A new node holds at most 2 leases, whatever it asks for (coordinator/capacity.py), and a
+    # repeated request grants nothing while it still holds them.
+    assert len(first) == 2 and repeat == {}
 
 
 def test_a_node_going_offline_gives_its_leases_back_at_once() -> None:
@@ -127,22 +136,31 @@ def test_a_liar_is_outvoted_and_not_credited() -> None:
     good = engine.on_work_request("n1", "o1", 1, 1, now=0, now_wall=0)["n1"][0]
     engine.on_result("liar", *answer(lie, honest(lie) + 5), None, now=1, now_wall=1)
     out = engine.on_result("n1", *answer(good, honest(good)), None, now=1, now_wall=1)
-    assert out == {}  # a third replica is wanted but nobody is waiting
-    third = engine.on_work_request("n2", "o2", 1, 1, now=1, now_wall=1)["n2"][0]
-    engine.on_result("n2", *answer(third, honest(third)), None, now=2, now_wall=2)
+    assert out == {}
+    # Two owners disagree: the coordinator's own run breaks the tie (no third owner needed).
+    (audit,) = engine.audits
+    assert audit.task == good.task and "tie" in audit.why
+    assert engine.on_work_request("n2", "o2", 1, 1, now=1, now_wall=1) == {}  # nothing to hand out meanwhile
+    assert audit.inputs is not None
+    engine.on_audit(audit.task, {"y": audit.inputs["x"].to_array() * 2}, None, now=2, now_wall=2)
     decided = next(op for op in engine.ops if isinstance(op, TaskDecided))
-    assert {c.node for c in decided.credits} == {"n1", "n2"}
+    assert {c.node for c in decided.credits} == {"n1"}
+    assert engine.trust.nodes["liar"].invalid == 1 and engine.trust.nodes["n1"].streak == 1
 
 
-def test_a_task_fails_with_a_reason_after_max_results() -> None:
+def test_a_task_fails_with_a_reason_once_the_coordinator_confirms_the_owners_errors() -> None:
     engine = make_engine(rows=2, task_size=2, max_results=2)
     for i in range(2):
         a = engine.on_work_request(f"n{i}", f"o{i}", 1, 1, now=0, now_wall=0)[f"n{i}"][0]
         result, _ = answer(a, honest(a))
         engine.on_result(f"n{i}", result, None, "output 'y' contains NaN or Inf", now=1, now_wall=1)
     job = next(iter(engine.jobs.values()))
+    assert job.state is JobState.RUNNING  # two owners' word is not enough to fail it...
+    (audit,) = engine.audits  # ...the coordinator runs it too
+    engine.on_audit(audit.task, {"y": np.full((2, 2), np.nan, dtype=np.float32)}, None, now=2, now_wall=2)
     assert job.state is JobState.FAILED and job.failed == 1
-    assert "NaN" in job.failures[0]["reason"]
+    reason = job.failures[0]["reason"]
+    assert "NaN" in reason and "2 owners" in reason and "confirmed by the coordinator" in reason
 
 
 def test_outputs_with_the_wrong_row_count_are_invalid() -> None:
@@ -180,6 +198,9 @@ def test_restored_votes_that_already_agree_are_decided_at_once() -> None:
     engine = Engine(lease_seconds=10, max_inline_bytes=1 << 20, new_id=lambda: "unused")
 
     engine.add_job(job, tasks, now_wall=5.0)  # a restart: the verdict had not been committed
+    # Agreement of two strangers is checked against the coordinator's own run before it counts.
+    (audit,) = engine.audits
+    engine.on_audit(audit.task, outputs, None, now=5, now_wall=5)
 
     decided = next(op for op in engine.ops if isinstance(op, TaskDecided))
     assert decided.state is TaskState.VERIFIED and {c.node for c in decided.credits} == {"n1", "n2"}

@@ -13,6 +13,7 @@ from coordinator.jobs import JobOptions, plan_job
 from coordinator.quorum import Vote
 from coordinator.records import JobRecord, TaskDecided, TaskRecord
 from coordinator.scheduler import TaskState
+from coordinator.trust import TrustBook, TrustPolicy
 from ledger.entries import Charge
 from protocol.messages import Assignment, Result
 from protocol.tensors import digest_tensors, tensors_from_arrays
@@ -32,24 +33,30 @@ def new_job(*, rows: int = 4, task_size: int = 2, replicas: int = 2,
 
 
 def new_engine() -> Engine:
+    # Classic quorum (no audits, no adaptive replication): these tests are about what a verdict
+    # pays and charges; tests/unit/test_verification.py covers audits and trust.
     counter = itertools.count()
-    return Engine(lease_seconds=10, max_inline_bytes=1 << 20, new_id=lambda: f"lease{next(counter)}")
+    return Engine(lease_seconds=10, max_inline_bytes=1 << 20, new_id=lambda: f"lease{next(counter)}",
+                  trust=TrustBook(TrustPolicy(untrusted_audit_rate=0.0, adaptive=False)))
 
 
 _seq = itertools.count(1)  # work-request sequence numbers: each request is newer than the last
 
 
 def run(engine: Engine, owners: list[str]) -> None:
-    """Every node answers honestly until nothing is left to hand out."""
+    """Every node answers honestly, including what a result frees up for others, until nothing is
+    left to hand out."""
+    node_owner = {f"n{i}": owner for i, owner in enumerate(owners)}
     while True:
-        handed = False
-        for i, owner in enumerate(owners):
-            for a in engine.on_work_request(f"n{i}", owner, 4, next(_seq), now=0, now_wall=1).get(f"n{i}", []):
-                result, outputs = answer(a)
-                engine.on_result(f"n{i}", result, outputs, None, now=1, now_wall=2)
-                handed = True
-        if not handed:
+        queue = [(node, a) for node, owner in node_owner.items()
+                 for a in engine.on_work_request(node, owner, 4, next(_seq), now=0, now_wall=1).get(node, [])]
+        if not queue:
             return
+        while queue:
+            node, a = queue.pop()
+            result, outputs = answer(a)
+            more = engine.on_result(node, result, outputs, None, now=1, now_wall=2)
+            queue.extend((n, x) for n, items in more.items() for x in items)
 
 
 def answer(a: Assignment) -> tuple[Result, dict[str, np.ndarray]]:
@@ -142,10 +149,12 @@ def test_a_failed_task_charges_nobody() -> None:
     job, tasks = new_job(rows=2, task_size=2)
     engine.add_job(job, tasks)
 
-    for i in range(3):  # max_errors invalid results: the task fails
+    for i in range(2):  # two owners report the same error...
         [a] = engine.on_work_request(f"n{i}", f"o{i}", 1, 1, now=0, now_wall=1)[f"n{i}"]
         result, _ = answer(a)
         engine.on_result(f"n{i}", result, None, "node error", now=1, now_wall=2)
+    (audit,) = engine.audits  # ...and the coordinator's own run fails too: the task fails
+    engine.on_audit(audit.task, None, "audit failed: model could not run", now=2, now_wall=3)
 
     [decided] = verdicts(engine)
     assert decided.state is TaskState.FAILED and decided.charge is None and decided.credits == ()

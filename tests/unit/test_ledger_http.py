@@ -32,7 +32,9 @@ def serving(tmp_path: Path) -> Iterator[tuple[str, Coordinator]]:
     """dave is granted 100 and pays for a two-task job run by alice's and bob's nodes; an internal
     job (no submitter) is run too. Then the real handlers serve it from a thread."""
     loop = asyncio.new_event_loop()
-    c = Coordinator(CoordinatorSettings(db_url="memory", key_path=str(tmp_path / "coord.key")))
+    # Classic quorum, no audits: the engine is fed directly, no service loop runs audits.
+    c = Coordinator(CoordinatorSettings(db_url="memory", key_path=str(tmp_path / "coord.key"),
+                                        untrusted_audit_rate=0.0, adaptive=False))
 
     async def prepare() -> None:
         await c.store.grant("dave", 100, key="start:dave", memo="starting grant", created_at=1.0)

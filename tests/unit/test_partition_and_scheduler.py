@@ -50,10 +50,14 @@ def test_a_task_waits_while_replicas_are_live() -> None:
 
 def test_only_listed_transitions_are_allowed() -> None:
     assert check_transition(TaskState.OPEN, TaskState.VERIFIED) is TaskState.VERIFIED
+    # reopened: a result it stood on came from a node later caught cheating
+    assert check_transition(TaskState.VERIFIED, TaskState.OPEN) is TaskState.OPEN
     with pytest.raises(InvalidTransition):
-        check_transition(TaskState.VERIFIED, TaskState.OPEN)
+        check_transition(TaskState.VERIFIED, TaskState.FAILED)
     with pytest.raises(InvalidTransition):
         check_transition(TaskState.FAILED, TaskState.VERIFIED)
+    with pytest.raises(InvalidTransition):
+        check_transition(TaskState.FAILED, TaskState.OPEN)
 
 
 def test_no_two_replicas_on_one_node_or_one_owner() -> None:

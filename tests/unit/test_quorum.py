@@ -87,3 +87,35 @@ def test_arrival_order_cannot_change_whether_a_quorum_exists(answers: list[int],
     outcomes = {isinstance(decide_quorum(list(p), k=k, tol=TOL), Accepted)
                 for p in itertools.islice(itertools.permutations(votes), 24)}
     assert len(outcomes) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(0.5, 2.0), st.floats(-3e-3, 3e-3))
+def test_agreement_is_symmetric(base: float, delta: float) -> None:
+    # np.allclose(a, b) scales its tolerance by |b| only: near the edge a ~ b held while b ~ a did not.
+    a = vote("n1", "o1", [[base, 0.0]])
+    b = vote("n2", "o2", [[base * (1 + delta), 0.0]])
+    assert agree(a, b, TOL) == agree(b, a, TOL)
+
+
+def test_an_accepted_group_never_holds_two_results_that_disagree() -> None:
+    # a ~ b and b ~ c but not a ~ c: the candidate b must not gather a and c into one group of 3.
+    eps = 0.9e-3
+    a = vote("n1", "o1", [[1.0 - eps, 0.0]])
+    b = vote("n2", "o2", [[1.0, 0.0]])
+    c = vote("n3", "o3", [[1.0 + eps, 0.0]])
+    assert agree(a, b, TOL) and agree(b, c, TOL) and not agree(a, c, TOL)
+    assert isinstance(decide_quorum([b, a, c], k=3, tol=TOL), Undecided)
+    two = decide_quorum([b, a, c], k=2, tol=TOL)
+    assert isinstance(two, Accepted)
+    assert all(agree(x, y, TOL) for x, y in itertools.combinations(two.agreeing, 2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.99, 1.01), min_size=2, max_size=6), st.integers(2, 4))
+def test_every_accepted_group_agrees_pairwise_for_any_k(values: list[float], k: int) -> None:
+    votes = [vote(f"n{i}", f"o{i}", [[v, 0.0]]) for i, v in enumerate(values)]
+    verdict = decide_quorum(votes, k=k, tol=TOL)
+    if isinstance(verdict, Accepted):
+        assert len({v.owner for v in verdict.agreeing}) >= k
+        assert all(agree(x, y, TOL) for x, y in itertools.combinations(verdict.agreeing, 2))

@@ -357,3 +357,12 @@ def test_a_key_file_of_the_wrong_size_is_a_clear_error(tmp_path: Path) -> None:
     path.chmod(0o600)
     with pytest.raises(SparecyclesError, match="32-byte"):
         load_or_create_key(path)
+
+
+async def test_a_short_429_is_sat_out_and_the_request_retried() -> None:
+    # The coordinator keeps nothing of a refused request, so repeating it after Retry-After is safe.
+    server = VerifyingServer()
+    server.queue = [error(429, "slow down", **{"Retry-After": "0"})]
+    async with TestServer(server.app()) as ts, Client(str(ts.make_url("/")), identity=ALICE) as client:
+        balances = await client.balances()
+    assert isinstance(balances, dict) and server.queue == []

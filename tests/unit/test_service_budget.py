@@ -31,7 +31,10 @@ def options(submitter: str) -> JobOptions:
 
 
 def coordinator(db_url: str, tmp_path: Path) -> Coordinator:
-    return Coordinator(CoordinatorSettings(db_url=db_url, key_path=str(tmp_path / "coord.key")))
+    # Classic quorum, no audits: these tests are about reservations and charges, and feed the engine
+    # directly (no service loop runs the audits it would ask for).
+    return Coordinator(CoordinatorSettings(db_url=db_url, key_path=str(tmp_path / "coord.key"),
+                                           untrusted_audit_rate=0.0, adaptive=False))
 
 
 _seq = itertools.count(1)
