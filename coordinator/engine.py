@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -83,6 +84,7 @@ class AuditRequest:
 
 NOTES_KEPT = 6
 MIN_LEASE_SECONDS = 15.0
+CLOSING_CHECK_SHARE = 0.05  # closing checks per task of a job, at most (Engine._closing_checks)
 SLOW_NODE_FLOPS = 25e6  # FLOP/s assumed of a node before any is measured: slow on purpose
 READY_WINDOW = 64  # a node is served from a random pick among the oldest ready tasks
 
@@ -112,6 +114,8 @@ class Engine:
         self._unconfirmed: set[str] = set()  # restored leases not yet confirmed by their node
         self._auditing: dict[str, Accepted | None] = {}  # task -> the verdict an audit will decide
         self._task_seconds: dict[tuple[str, int], float] = {}  # (model, task size) -> EWMA issue to result
+        self._closing: dict[str, set[str]] = {}  # job -> tasks of its closing checks still running
+        self._closing_failed: set[str] = set()  # jobs whose current round of closing checks failed one
         self._now = 0.0  # the monotonic time of the call being served
         self.ops: list[Op] = []
         self.audits: list[AuditRequest] = []  # for the service to run, then `on_audit`
@@ -370,6 +374,9 @@ class Engine:
             return {}
         verdict = self._auditing.pop(task_id)
         task.auditing = False
+        if task_id in self._closing.get(task.job, ()):
+            self._closing_check_done(task, outputs, problem, now_wall)
+            return self._fill(now, now_wall)
         if task.state is not TaskState.OPEN:
             return {}
         job = self.jobs[task.job]
@@ -471,6 +478,7 @@ class Engine:
         self.counters["task_reopened"] += 1
         bad_nodes = {c.node for c in task.paid}
         task.canonical_digest, task.paid, task.charge, task.paid_leases = None, (), None, ()
+        task.unchecked_outputs, task.unchecked_nodes = None, ()
         task.votes, task.truth, task.best_group = [], None, 0
         task.need = job.spec.replicas
         task.nodes, task.owners = set(bad_nodes), set()
@@ -524,6 +532,9 @@ class Engine:
         self.ops.append(TaskDecided(task.id, TaskState.VERIFIED, task.canonical_digest, None,
                                     tuple(v.lease for v in paid), credits, charge))
         task.paid, task.charge, task.paid_leases = credits, charge, tuple(v.lease for v in paid)
+        if not checked:
+            task.unchecked_outputs = dict(verdict.canonical.outputs)
+            task.unchecked_nodes = tuple((v.node, v.owner) for v in paid)
         for v in paid:
             if checked:
                 self.trust.confirmed(v.node, v.owner, audited=audited, now=now_wall)
@@ -565,11 +576,84 @@ class Engine:
     def _maybe_finish(self, job: JobRecord, now_wall: float) -> None:
         if job.verified + job.failed < len(job.tasks) or job.state is not JobState.RUNNING:
             return
+        if self._closing_checks(job):
+            return  # the job is done once its closing checks pass (or reopen what they disprove)
         job.state = JobState.DONE if job.failed == 0 else JobState.FAILED
         if job.failed:
             job.error = f"{job.failed} of {len(job.tasks)} tasks failed; first: {job.failures[0]['reason']}"
         job.finished_at = now_wall
         self.ops.append(JobFinished(job.spec.id, job.state, job.error, now_wall))
+        for task_id in job.tasks:  # the closing checks are over: the accepted outputs live in the store
+            task = self.tasks.get(task_id)
+            if task is not None:
+                task.unchecked_outputs = None
+
+    def _closing_checks(self, job: JobRecord) -> bool:
+        """Before a job is reported done, one result of each node that ran tasks of it alone on
+        trust (adaptive replication) is audited, chosen at random, the nodes with the most such
+        results first, at most CLOSING_CHECK_SHARE of the job's tasks (and at least one): a node
+        that turned bad once trusted is caught before the submitter reads wrong outputs, not after
+        (it would be caught in the end anyway, at 1/streak per task). True while checks run."""
+        pending = self._closing.get(job.spec.id)
+        if pending:
+            return True
+        if pending is not None:  # this round of checks has passed
+            del self._closing[job.spec.id]
+            return False
+        by_node: dict[str, list[TaskRecord]] = {}
+        for task_id in job.tasks:
+            task = self.tasks.get(task_id)
+            if task is not None and task.unchecked_outputs is not None and len(task.unchecked_nodes) == 1:
+                by_node.setdefault(task.unchecked_nodes[0][0], []).append(task)
+        if not by_node:
+            return False
+        nodes = sorted(by_node)
+        self.rng.shuffle(nodes)
+        nodes.sort(key=lambda n: -len(by_node[n]))  # stable: ties stay in random order
+        budget = max(1, math.ceil(CLOSING_CHECK_SHARE * len(job.tasks)))
+        picked = {self.rng.choice(sorted(by_node[n], key=lambda t: t.index)).id for n in nodes[:budget]}
+        self._closing[job.spec.id] = set(picked)
+        for task_id in sorted(picked):
+            task = self.tasks[task_id]
+            self.counters["closing_check"] += 1
+            self._note(task, "closing check: a result accepted on trust alone is audited before the job is done")
+            self._auditing[task_id] = None
+            self.audits.append(AuditRequest(task=task.id, job=job.spec.id, model=job.spec.model,
+                                            input_digest=task.input_digest, inputs=task.inputs,
+                                            opt_level=job.spec.opt_level, rows=task.rows, why="closing check"))
+        return True
+
+    def _closing_check_done(self, task: TaskRecord, outputs: Mapping[str, npt.NDArray[Any]] | None,
+                            problem: str | None, now_wall: float) -> None:
+        job = self.jobs[task.job]
+        pending = self._closing.get(job.spec.id, set())
+        pending.discard(task.id)
+        if task.state is TaskState.VERIFIED and task.unchecked_outputs is not None and outputs is not None \
+                and problem is None:
+            accepted = Vote("accepted", "", "", task.canonical_digest or "", task.unchecked_outputs)
+            truth = Vote("audit", "coordinator", "coordinator", digest_tensors(tensors_from_arrays(outputs)),
+                         dict(outputs))
+            if agree(truth, accepted, job.spec.tolerance):
+                self.counters["closing_check_passed"] += 1
+                for node, owner in task.unchecked_nodes:
+                    self.trust.confirmed(node, owner, audited=True, now=now_wall)
+            else:
+                self.counters["closing_check_failed"] += 1
+                self._closing_failed.add(job.spec.id)
+                for node, owner in task.unchecked_nodes:
+                    # the node's unchecked results (this one among them) are reopened
+                    self._punish(node, owner, "a closing check found its result wrong", audited=True,
+                                 now_wall=now_wall)
+        elif problem is not None:
+            self.counters["audit_unavailable"] += 1
+        if not pending:
+            if job.spec.id in self._closing_failed:
+                # something was reopened: when it is decided again, a new round of checks runs
+                self._closing_failed.discard(job.spec.id)
+                self._closing.pop(job.spec.id, None)
+            else:
+                self._closing[job.spec.id] = set()  # this round passed
+            self._maybe_finish(job, now_wall)
 
     @staticmethod
     def _tally(task: TaskRecord, job: JobRecord) -> Verdict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,10 @@ class TaskRecord:
     auditing: bool = False  # an audit is running: no verdict until it answers
     error_nodes: list[tuple[str, str]] = field(default_factory=list)  # (node, owner) that reported errors
     avoid: dict[str, float] = field(default_factory=dict)  # node -> until when (monotonic) it may not retake it
+    # While its job runs: the outputs it was accepted on and their nodes, when they stood on trust
+    # alone (kept for the job's closing check, Engine._closing_checks).
+    unchecked_outputs: Mapping[str, Any] | None = None
+    unchecked_nodes: tuple[tuple[str, str], ...] = ()
     paid: tuple[Credit, ...] = ()  # the credits of its verdict (kept to claw back if reopened)
     paid_leases: tuple[str, ...] = ()
     charge: Charge | None = None

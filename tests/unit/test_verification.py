@@ -66,7 +66,10 @@ class Net:
             for node, (owner, _) in nodes.items():
                 got = self.engine.on_work_request(node, owner, slots, next(self.seq), now=self.now, now_wall=self.now)
                 queue.extend((node, a) for a in got.get(node, []))
-            while queue:
+            while queue or self.engine.audits:
+                queue.extend(self.answer_audits())
+                if not queue:
+                    continue
                 node, a = queue.pop(0)
                 out = nodes[node][1](self.with_inputs(a))
                 if out is None:
