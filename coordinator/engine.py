@@ -218,6 +218,7 @@ class Engine:
         if now >= self._next_silence_check:
             self._next_silence_check = now + 1.0
             changed |= self._take_back_from_silent(now)
+            changed |= self._settle_stuck()
         while self._job_deadlines and self._job_deadlines[0][0] <= now_wall:
             _, job_id = heapq.heappop(self._job_deadlines)
             changed |= self._expire_job(self.jobs[job_id], now_wall)
@@ -241,6 +242,23 @@ class Engine:
                 self._close(self.leases[lease_id], "silent")
             took = True
         return took
+
+    def _settle_stuck(self) -> bool:
+        """A task that has results but cannot get the further owners it needs (none online that
+        has not run it: the others were blocked, or there never were enough) is decided by the
+        coordinator's own run instead of waiting for its deadline."""
+        online = {w.owner for w in self._waiting.values()}
+        settled = False
+        for task_id in list(self._ready):
+            task = self.tasks[task_id]
+            if not task.votes or task.live or task.auditing or task.truth is not None:
+                continue
+            if online - task.owners:
+                continue  # someone could still take it
+            self._request_audit(task, self.jobs[task.job], None,
+                                "no further owner online to confirm its results: the coordinator decides")
+            settled = True
+        return settled
 
     def _expire_job(self, job: JobRecord, now_wall: float) -> bool:
         if job.state is not JobState.RUNNING:
@@ -816,7 +834,8 @@ class Engine:
         online = {w.owner for w in self._waiting.values()}
         eligible = online - task.owners
         if task.live:
-            return f"running on {len(task.live)} node{'s' * (len(task.live) != 1)}"
+            nodes = sorted({self.leases[lease].node for lease in task.live if lease in self.leases})
+            return f"running on node{'s' * (len(nodes) != 1)} {', '.join(nodes)}"
         if task.error_owners and not task.votes:
             return f"{task.last_problem} on {len(task.error_owners)} owner{'s' * (len(task.error_owners) != 1)}"
         if task.votes:

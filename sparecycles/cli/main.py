@@ -2,7 +2,7 @@
 
 Process commands (coordinator, node, broker, demo) hand their arguments untouched to their own
 entry points, so `sparecycles coordinator --help` shows the coordinator's options. Client
-commands (submit, status, ledger) talk to a coordinator's HTTP API through `client.sdk`.
+commands (submit, status, trust, ledger) talk to a coordinator's HTTP API through `client.sdk`.
 
 Exit codes: 0 success; 1 the job failed, the ledger does not verify, or the coordinator refused;
 2 bad usage or unreadable input files; 3 the coordinator cannot be reached; 130 interrupted.
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--task-size", type=_positive_int, metavar="N", help="rows per task")
     submit.add_argument("--final", choices=["argmax", "exact", "none"], help="how results are compared")
     submit.add_argument("--timeout", type=_positive_float, metavar="S", help="stop waiting after S seconds")
+    submit.add_argument("--deadline", type=_positive_int, metavar="S",
+                        help="seconds for every task to be decided, else the job fails with the reason "
+                             "(default: the coordinator's --job-deadline)")
     submit.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="where to write the outputs")
     _add_account_key(submit)
     submit.add_argument("--as", dest="account_name", default=None, metavar="NAME",
@@ -139,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_account_key(status)
     status.add_argument("--token", default=None, metavar="READ_TOKEN",
                         help="the job's read token (from submit), instead of the submitter's key")
+
+    trust = sub.add_parser(
+        "trust", help="why a node is or is not trusted, or blocked",
+        description="Show how far the coordinator trusts NODE: whether its results may stand alone, why (its "
+        "streak of results confirmed by the coordinator's own runs), how often they are audited, its record "
+        "(valid, invalid, errors, audits passed and failed, last problem) and the leases it may hold.")
+    trust.add_argument("node", metavar="NODE", help="the node id (`sparecycles key NODE_KEY_FILE` shows it)")
+    _add_coordinator(trust)
+    trust.add_argument("--json", action="store_true", help="print the coordinator's JSON")
 
     ledger = sub.add_parser("ledger", help="credits earned by nodes and owners")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="LEDGER_COMMAND")
@@ -292,7 +304,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         await accounts_cli.ensure_account(client, args.account_name)
         digest = await client.ensure_model(model)
         job = await client.submit(digest, inputs, replicas=args.replicas, task_size=args.task_size,
-                                  final=args.final)
+                                  final=args.final, deadline=args.deadline)
         with ProgressReporter(str(job["job"])) as report:
             await client.wait(str(job["job"]), on_progress=report, timeout=args.timeout)
         return job, await client.outputs(str(job["job"]))
@@ -332,6 +344,37 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"  error     {st['error']}")
     for failure in (st.get("failures") or [])[:MAX_FAILURES_SHOWN]:
         print(f"  failed    task {failure.get('task')}: {failure.get('reason')}")
+    # A running job says, task by task (the first few open ones), why each is not decided yet and
+    # what happened to it: replicated, audited, results rejected.
+    for waiting in (st.get("waiting") or [])[:MAX_FAILURES_SHOWN]:
+        print(f"  waiting   task {waiting.get('task')}: {waiting.get('waiting')}")
+        for note in waiting.get("notes") or []:
+            print(f"              {note}")
+    return EXIT_OK
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    view = _run(args.coordinator, lambda c: c.trust(args.node))
+    if args.json:
+        print(json.dumps(view))
+        return EXIT_OK
+    state = "BLOCKED" if view.get("blocked") else "trusted" if view.get("trusted") else "not trusted"
+    print(f"node {view.get('node', args.node)} (owner {view.get('owner') or '?'}): {state}")
+    print(f"  why         {view.get('why')}")
+    rate = view.get("audit_rate")
+    if isinstance(rate, int | float):
+        print(f"  audited     {rate:.3f} of its results (ones standing alone or agreed only by untrusted owners)")
+    record = view.get("record")
+    if isinstance(record, dict):
+        print(f"  streak      {record.get('streak')} results in a row confirmed by the coordinator's checks")
+        print(f"  results     {record.get('valid')} valid, {record.get('invalid')} shown wrong, "
+              f"{record.get('errors')} errors reported")
+        print(f"  audits      {record.get('audits_passed')} passed, {record.get('audits_failed')} failed")
+        if record.get("last_problem"):
+            print(f"  last problem {record['last_problem']}")
+    else:
+        print("  record      none: the coordinator has judged no result of this node")
+    print(f"  leases      {view.get('leases')} held, at most {view.get('allowed_leases')} allowed now")
     return EXIT_OK
 
 
@@ -431,6 +474,7 @@ GROUPS = (("owner", "owner_command", "certify NODE"), ("account", "account_comma
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": _cmd_submit,
     "status": _cmd_status,
+    "trust": _cmd_trust,
     "balances": _cmd_balances,
     "history": _cmd_history,
     "verify": _cmd_verify,

@@ -262,3 +262,15 @@ def test_capacity_grows_with_results_and_halves_on_loss_never_beyond_measured_sp
     cap.on_result("n", 52.0)  # answering again ends the run of losses
     cap.on_lost("n", now=53.0)
     assert cap.grant("n", 100, now=53.0) > 0
+
+
+def test_once_a_liar_of_a_two_owner_network_is_blocked_its_tasks_are_decided_by_audit() -> None:
+    # The honest owner's lone results cannot find a second owner any more: the coordinator's own run
+    # decides them, instead of the job waiting for its deadline.
+    net = Net(seed=0, deadline=300)
+    job = net.job(20)
+    net.run({"a": ("alice", honest), "m": ("mallory", wrong)}, rounds=400, slots=2)
+    assert "mallory" in net.engine.trust.blocked
+    assert job.state is JobState.DONE and job.failed == 0
+    for decided in net.decided():
+        assert decided.canonical_digest == truth_digest(net, decided.task)
