@@ -540,7 +540,7 @@ class Engine:
         amount = credit_amount(ModelCost(job.spec.flops_per_row), task.rows)
         credits = tuple(
             Credit(node=v.node, owner=v.owner, job=job.spec.id, task=task.id, amount=amount,
-                   result_digest=v.output_digest, created_at=now_wall)
+                   result_digest=v.output_digest, created_at=now_wall, ref=v.lease)
             for v in paid
         )
         # Jobs without a submitter (internal use) are not charged; every other task's credits are

@@ -338,7 +338,7 @@ async def ledger_node(request: web.Request) -> web.Response:
     if not entries:
         return fail(404, f"no credits for node {node}")
     return web.json_response({"node": node, "owner": entries[0].account,
-                              "credits": sum(e.amount for e in entries),
+                              "credits": sum(e.delta for e in entries),  # clawbacks count against
                               "entries": [e.to_json() for e in entries]})
 
 

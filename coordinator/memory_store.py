@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ledger.entries import Balances, Entry, Grant
+from ledger.entries import Balances, Charge, Credit, Entry, Grant, reversal_of
 from ledger.store import InMemoryLedgerStore
 
 from .accounts import Account, Invite, NodeRecord
@@ -24,10 +24,11 @@ from .records import (
     ResultRecorded,
     TaskDecided,
     TaskRecord,
+    TaskReopened,
 )
 from .restore import JobRow, LeaseRow, ResultRow, StoredRows, TaskRow
 from .scheduler import TaskState
-from .store import CoordinatorStore
+from .store import CoordinatorStore, StoreError, keyed, reused_keys
 
 
 class MemoryStore(CoordinatorStore):
@@ -40,7 +41,10 @@ class MemoryStore(CoordinatorStore):
         self.job_tasks: dict[str, list[str]] = {}
         self.leases: dict[str, LeaseRow] = {}
         self.results: dict[str, ResultRow] = {}  # by lease; insertion order is arrival order
-        self._accepted: list[str] = []
+        self._accepted: list[str] = []  # leases in the order they were accepted: seq = place + 1
+        self._unaccepted: set[str] = set()  # accepted, then clawed back when their task reopened
+        self._accepted_of: dict[str, list[str]] = {}  # task -> its leases accepted now
+        self._superseded: set[str] = set()  # leases and results of a task before it was reopened
         self.ledger = InMemoryLedgerStore()
         self.accounts: dict[str, Account] = {}
         self.nodes: dict[str, NodeRecord] = {}
@@ -93,22 +97,58 @@ class MemoryStore(CoordinatorStore):
                                                             owner=op.owner, output_digest=op.output_digest,
                                                             problem=op.problem))
             elif isinstance(op, TaskDecided):
-                task = self.tasks[op.task]
-                if task.state != TaskState.OPEN:
-                    continue  # decided already: a repeated verdict changes nothing
-                self.tasks[op.task] = replace(task, state=str(op.state), error=op.error)
-                self.canonical[op.task] = op.canonical_digest
-                self._accepted.extend(op.accepted_leases)
-                await self.ledger.append([*op.credits, *([op.charge] if op.charge is not None else [])])
+                await self._decide(keyed(op))
+            elif isinstance(op, TaskReopened):
+                await self._reopen(op)
             elif isinstance(op, JobFinished):
                 self.jobs[op.job] = replace(self.jobs[op.job], state=str(op.state), error=op.error,
                                             finished_at=op.finished_at)
             elif isinstance(op, BlobPut):
                 self.blobs.setdefault(op.digest, op.data)
 
+    async def _decide(self, op: TaskDecided) -> None:
+        task = self.tasks[op.task]
+        if task.state != TaskState.OPEN:
+            return  # decided already: a repeated verdict changes nothing
+        records: list[Credit | Charge] = [*op.credits, *([op.charge] if op.charge is not None else [])]
+        # Open again after a reopen: the old verdict, replayed, finds its keys in the ledger and
+        # must not verify the task again on a result no longer believed (sqlite_store does the same).
+        taken = [await self.ledger.contains(r.unique_key) for r in records]
+        if any(taken):
+            if all(taken):
+                return
+            raise StoreError(reused_keys(op))
+        self.tasks[op.task] = replace(task, state=str(op.state), error=op.error)
+        self.canonical[op.task] = op.canonical_digest
+        for lease in op.accepted_leases:
+            if lease in self._unaccepted:
+                self._unaccepted.discard(lease)  # accepted again: back at its old seq, as in SQL
+            else:
+                self._accepted.append(lease)
+        self._accepted_of.setdefault(op.task, []).extend(op.accepted_leases)
+        await self.ledger.append(records)
+
+    async def _reopen(self, op: TaskReopened) -> None:
+        task = self.tasks[op.task]
+        if task.state != TaskState.VERIFIED:
+            return  # open already, or failed: only a verified task reopens
+        records = reversal_of(op.credits, op.charge, bad_lease=op.bad_lease, reason=op.reason, created_at=op.at)
+        if records and await self.ledger.append(records) == 0:
+            return  # a replayed reopen, the task verified again since: its entries are in the ledger
+        self.tasks[op.task] = replace(task, state=str(TaskState.OPEN), error=None)
+        self.canonical[op.task] = None
+        self._unaccepted.update(self._accepted_of.pop(op.task, ()))
+        self._superseded.update(lid for lid, ls in self.leases.items() if ls.task == op.task and ls.state != "live")
+        self._superseded.update(lid for lid, r in self.results.items() if r.task == op.task)
+        if op.job_reopened:
+            self.jobs[op.job] = replace(self.jobs[op.job], state="running", error=None, finished_at=None)
+
     async def load_rows(self) -> StoredRows:
+        # A reopened task's leases and results from before the reopen are history: it restores as
+        # an ordinary open task, with no tries, votes or exclusions from its earlier verdict.
         return StoredRows(jobs=list(self.jobs.values()), tasks=list(self.tasks.values()),
-                          leases=list(self.leases.values()), results=list(self.results.values()))
+                          leases=[r for r in self.leases.values() if r.id not in self._superseded],
+                          results=[r for r in self.results.values() if r.lease not in self._superseded])
 
     async def canonical_digests(self, job: str) -> list[str | None]:
         return [self.canonical[t] for t in self.job_tasks[job]]
@@ -133,8 +173,12 @@ class MemoryStore(CoordinatorStore):
         return await self.ledger.account_history(name)
 
     async def accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
-        out = []
-        for seq, lease in enumerate(self._accepted[after:after + limit], start=after + 1):
+        out: list[dict[str, Any]] = []
+        for seq, lease in enumerate(self._accepted[max(after, 0):], start=max(after, 0) + 1):
+            if len(out) >= limit:
+                break
+            if lease in self._unaccepted:
+                continue  # clawed back: no longer accepted, and a full page stays full
             r = self.results[lease]
             task = self.tasks[r.task]
             out.append({"seq": seq, "task": r.task, "job": task.job, "node": r.node, "owner": r.owner,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ledger import sqlite as ledger_sql
-from ledger.entries import Balances, Entry, Grant
+from ledger.entries import Balances, Charge, Credit, Entry, Grant, reversal_of
 
 from .accounts import Account, Invite, NodeRecord
 from .records import (
@@ -28,9 +28,10 @@ from .records import (
     ResultRecorded,
     TaskDecided,
     TaskRecord,
+    TaskReopened,
 )
 from .restore import JobRow, LeaseRow, ResultRow, StoredRows, TaskRow
-from .store import CoordinatorStore, spec_from_json, spec_to_json
+from .store import CoordinatorStore, StoreError, keyed, reused_keys, spec_from_json, spec_to_json
 
 T = TypeVar("T")
 
@@ -61,7 +62,12 @@ CREATE TABLE IF NOT EXISTS nodes (
     node TEXT PRIMARY KEY, public_key BLOB NOT NULL, owner TEXT NOT NULL, owner_id TEXT NOT NULL,
     expires_at REAL NOT NULL, registered_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS invites (token_sha256 TEXT PRIMARY KEY, created_at REAL NOT NULL, used_by TEXT);
+CREATE TABLE IF NOT EXISTS superseded_leases (lease TEXT PRIMARY KEY, task TEXT NOT NULL);
 """
+# superseded_leases: the leases (and so the results) of a task from before it was reopened. They
+# stay as history but are not loaded on restart, so a reopened task restores as an ordinary open
+# task rather than with the votes of the verdict that was undone. A table of its own rather than a
+# column, so that databases of earlier versions need no migration.
 
 
 class SQLiteStore(CoordinatorStore):
@@ -217,6 +223,79 @@ class SQLiteStore(CoordinatorStore):
 
 
 def _apply(c: sqlite3.Connection, ops: Sequence[Op]) -> None:
+    """Ops in order, grouped between reopens: a reopen must see everything before it (the verdict
+    it undoes, the job's finish) and nothing after it (a new verdict for the reopened task)."""
+    segment: list[Op] = []
+    for op in ops:
+        if isinstance(op, TaskReopened):
+            _apply_grouped(c, segment)
+            segment = []
+            _reopen(c, op)
+        else:
+            segment.append(op)
+    _apply_grouped(c, segment)
+
+
+def _reopen(c: sqlite3.Connection, op: TaskReopened) -> None:
+    """Once: a task no longer verified (reopened already, or failed) is left alone, and so is one
+    verified again since whose reversal is already in the ledger (a replayed reopen)."""
+    row = c.execute("SELECT state FROM tasks WHERE id=?", (op.task,)).fetchone()
+    if row is None or row[0] != "verified":
+        return
+    records = reversal_of(op.credits, op.charge, bad_lease=op.bad_lease, reason=op.reason, created_at=op.at)
+    if records and ledger_sql.insert_entries(c, records) == 0:
+        return
+    c.execute("UPDATE tasks SET state='open', canonical_digest=NULL, error=NULL WHERE id=?", (op.task,))
+    c.execute("UPDATE results SET accepted=0 WHERE task=? AND accepted=1", (op.task,))
+    c.execute("INSERT OR IGNORE INTO superseded_leases (lease, task) "
+              "SELECT id, task FROM leases WHERE task=? AND state != 'live'", (op.task,))
+    c.execute("INSERT OR IGNORE INTO superseded_leases (lease, task) SELECT lease, task FROM results WHERE task=?",
+              (op.task,))
+    if op.job_reopened:
+        c.execute("UPDATE jobs SET state='running', error=NULL, finished_at=NULL WHERE id=?", (op.job,))
+
+
+def _new_verdicts(c: sqlite3.Connection, decided: Sequence[TaskDecided]) -> list[TaskDecided]:
+    """The verdicts not applied before: the first per task of those for open tasks, less any whose
+    ledger entries are already there. An open task has entries only if it was reopened, so the
+    second check looks up keys for tasks with a clawback or refund alone, and not at all on a
+    ledger without any (one index probe)."""
+    still_open: set[str] = set()
+    tasks = list(dict.fromkeys(d.task for d in decided))
+    for i in range(0, len(tasks), 5000):  # SQLite caps the number of bound parameters
+        chunk = tasks[i:i + 5000]
+        still_open.update(row[0] for row in c.execute(
+            f"SELECT id FROM tasks WHERE state='open' AND id IN ({','.join('?' * len(chunk))})", chunk))
+    first: dict[str, TaskDecided] = {}
+    for d in decided:
+        if d.task in still_open:
+            first.setdefault(d.task, d)  # a second verdict in one batch repeats the first
+    if not first or c.execute("SELECT 1 FROM ledger_entries WHERE kind IN ('clawback', 'refund') LIMIT 1"
+                              ).fetchone() is None:
+        return list(first.values())
+    reopened: set[str] = set()
+    open_tasks = list(first)
+    for i in range(0, len(open_tasks), 5000):
+        chunk = open_tasks[i:i + 5000]
+        reopened.update(row[0] for row in c.execute(
+            "SELECT DISTINCT task FROM ledger_entries WHERE kind IN ('clawback', 'refund') "
+            f"AND task IN ({','.join('?' * len(chunk))})", chunk))
+    out: list[TaskDecided] = []
+    for d in first.values():
+        taken = [ledger_sql.has_entry(c, r.unique_key) for r in _records(d)] if d.task in reopened else []
+        if any(taken):
+            if all(taken):
+                continue  # the old verdict, replayed onto the reopened task
+            raise StoreError(reused_keys(d))
+        out.append(d)
+    return out
+
+
+def _records(d: TaskDecided) -> list[Credit | Charge]:
+    return [*d.credits, *((d.charge,) if d.charge is not None else ())]
+
+
+def _apply_grouped(c: sqlite3.Connection, ops: Sequence[Op]) -> None:
     """One `executemany` per kind of op instead of a statement per op: a task costs about ten
     rows, and per-statement Python overhead in this thread competes with the event loop for the
     GIL. Within one transaction, kinds are applied in dependency order (a lease exists before it
@@ -233,7 +312,7 @@ def _apply(c: sqlite3.Connection, ops: Sequence[Op]) -> None:
         elif isinstance(op, BlobPut):
             blobs.append((op.digest, op.data))
         elif isinstance(op, TaskDecided):
-            decided.append(op)
+            decided.append(keyed(op))
         elif isinstance(op, JobFinished):
             finished.append((str(op.state), op.error, op.finished_at, op.job))
     c.executemany("INSERT OR IGNORE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, 'live')", issued)
@@ -243,24 +322,21 @@ def _apply(c: sqlite3.Connection, ops: Sequence[Op]) -> None:
     c.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?)", blobs)
     if decided:
         # A task is decided once: a verdict for a task no longer open (a repeated batch) is
-        # dropped whole, and the ledger's keys (credit per (task, node), charge per task) back that up.
-        still_open: set[str] = set()
-        for i in range(0, len(decided), 5000):  # SQLite caps the number of bound parameters
-            chunk = [d.task for d in decided[i:i + 5000]]
-            still_open.update(row[0] for row in c.execute(
-                f"SELECT id FROM tasks WHERE state='open' AND id IN ({','.join('?' * len(chunk))})", chunk))
-        decided = [d for d in decided if d.task in still_open]
+        # dropped whole, and the ledger's keys (credit per (task, node, lease), charge per verdict)
+        # back that up. A reopened task is open again and takes its new verdict.
+        decided = _new_verdicts(c, decided)
         c.executemany("UPDATE tasks SET state=?, canonical_digest=?, error=? WHERE id=?",
                       [(str(d.state), d.canonical_digest, d.error, d.task) for d in decided])
         c.executemany("UPDATE results SET accepted=1 WHERE lease=?",
                       [(lease,) for d in decided for lease in d.accepted_leases])
-        ledger_sql.insert_entries(c, [entry for d in decided
-                                      for entry in (*d.credits, *((d.charge,) if d.charge is not None else ()))])
+        ledger_sql.insert_entries(c, [entry for d in decided for entry in _records(d)])
     c.executemany("UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=?", finished)
 
 
-# Leases and results matter only for the open tasks of running jobs: the rest is history.
+# Leases and results matter only for the open tasks of running jobs: the rest is history, and so
+# are those of a reopened task from before it reopened.
 _OPEN_TASKS = "SELECT t.id FROM tasks t JOIN jobs j ON j.id = t.job WHERE t.state = 'open' AND j.state = 'running'"
+_CURRENT = "NOT IN (SELECT lease FROM superseded_leases)"
 
 
 def _load_rows(c: sqlite3.Connection) -> StoredRows:
@@ -271,8 +347,8 @@ def _load_rows(c: sqlite3.Connection) -> StoredRows:
         "SELECT id, job, idx, start, stop, input_digest, input_bytes, state, error FROM tasks")]
     leases = [LeaseRow(*row) for row in c.execute(
         "SELECT id, task, job, node, owner, issued_at, expires_at, state FROM leases "
-        f"WHERE task IN ({_OPEN_TASKS})")]
+        f"WHERE task IN ({_OPEN_TASKS}) AND id {_CURRENT}")]
     results = [ResultRow(*row) for row in c.execute(
         "SELECT lease, task, node, owner, output_digest, problem FROM results "
-        f"WHERE task IN ({_OPEN_TASKS}) ORDER BY seq")]
+        f"WHERE task IN ({_OPEN_TASKS}) AND lease {_CURRENT} ORDER BY seq")]
     return StoredRows(jobs=jobs, tasks=tasks, leases=leases, results=results)

@@ -6,8 +6,18 @@ picks one from a URL. Arrows run one way: factory -> implementations -> this int
 Contract (checked for every backend by tests/contract/test_coordinator_store.py):
 - `apply(ops)` writes a batch of engine operations in ONE transaction: a task's verdict, its
   accepted results, their credits and their charge commit together or not at all.
-- Credits are exactly once per (task, node), a task's charge once per task, a grant once per
-  key: applying the same verdict (or granting under the same key) twice adds nothing.
+- Credits are exactly once per (task, node, accepted lease), a task's charge once per verdict, a
+  grant once per key: applying the same verdict (or granting under the same key) twice adds nothing.
+- A task is decided once while open: a verdict for a task no longer open, or one whose ledger
+  entries are already there (an old verdict replayed after a reopen), changes nothing.
+- `TaskReopened` applies once, to a verified task, in the batch's transaction and order: a
+  clawback per credit and a refund of the charge (`ledger.entries.reversal_of`), the task open with
+  no canonical digest, its results no longer accepted, and its job running again if
+  `job_reopened`. Its earlier leases and results are kept but not loaded: a reopened task restores
+  as an ordinary open task. A new verdict for it then applies, with new credits and a new charge
+  (credits and a charge without `ref` are keyed by their accepted leases first: `keyed`); one
+  that shares some but not all of its ledger keys with the earlier verdict raises `StoreError`
+  and the batch is not written.
 - A lease closes once: closing a lease that is no longer live changes nothing.
 - `load_rows()` returns the stored rows `restore.snapshot_from_rows` rebuilds a resumed engine from;
   a store supplies rows only and never interprets them.
@@ -18,18 +28,43 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from ledger.entries import Balances, Entry
 
 from .accounts import Account, Invite, NodeRecord
 from .quorum import Tolerance
-from .records import JobRecord, JobSpec, Op, TaskRecord
+from .records import JobRecord, JobSpec, Op, TaskDecided, TaskRecord
 from .restore import Snapshot, StoredRows, snapshot_from_rows
 
 
 class StoreError(Exception):
     pass
+
+
+def keyed(decided: TaskDecided) -> TaskDecided:
+    """The verdict with each credit keyed by its lease: a credit without a `ref` takes the lease
+    accepted at its place in `accepted_leases`, and a charge without one the first (as
+    `ledger.entries.charge_for` would), when there is one lease per credit - the engine builds both
+    from the same votes, in order. Without a ref, a reopened task's second verdict would share its
+    charge's key with the refunded one and could not be written."""
+    leases = decided.accepted_leases
+    if not leases or len(leases) != len(decided.credits):
+        return decided
+    credits = tuple(c if c.ref else replace(c, ref=lease) for c, lease in zip(decided.credits, leases, strict=True))
+    charge = decided.charge
+    if charge is not None and not charge.ref:
+        charge = replace(charge, ref=credits[0].ref)
+    return replace(decided, credits=credits, charge=charge)
+
+
+def reused_keys(decided: TaskDecided) -> str:
+    """Why a verdict for a reopened task is refused: some of its ledger keys are its earlier
+    verdict's. Not a replay (that has all of them): a caller's bug, which would pay without
+    charging or charge without paying if written."""
+    return (f"the verdict for reopened task {decided.task} reuses ledger keys of its earlier verdict: "
+            "build its credits with ref = the accepted lease (charge_for then keys the charge by it)")
 
 
 def spec_to_json(spec: JobSpec) -> str:
@@ -102,18 +137,22 @@ class CoordinatorStore(ABC):
 
     @abstractmethod
     async def account_balance(self, name: str) -> int:
-        """granted + earned - spent of the account `name`, as committed; 0 for an unknown account.
+        """granted + earned - spent - clawed back + refunded of the account `name`, as committed; 0
+        for an unknown account.
         Cheap (an index range scan): asked on every job submission."""
 
     @abstractmethod
     async def account_history(self, name: str) -> list[Entry]:
-        """Every ledger entry of the account `name` (grants, credits, charges), in ascending seq."""
+        """Every ledger entry of the account `name` (grants, credits, charges, clawbacks, refunds),
+        in ascending seq."""
 
     @abstractmethod
     async def accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
         """Accepted (task, node) results with the task's state and the job's `submitter` ("" for
         an internal job), ordered by a stable sequence number `seq` > after: what
-        `sparecycles ledger verify` checks credits and charges against."""
+        `sparecycles ledger verify` checks credits and charges against. A result accepted and then
+        clawed back (its task reopened) is no longer listed: verify matches that credit with its
+        clawback instead. Pages are full up to the last."""
 
     # ---- accounts: coordinator/accounts.py keeps them in memory, the store keeps them ----------
     @abstractmethod

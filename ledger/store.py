@@ -11,21 +11,24 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from types import TracebackType
 
-from .entries import SIGNS, Balances, Credit, Entry, LedgerRecord, UniqueKey, balances_of
+from .entries import SIGNS, Balances, Clawback, Credit, Entry, LedgerRecord, UniqueKey, balances_of
 from .errors import StoreClosed
 
 
 class LedgerStore(ABC):
-    """An append-only log of typed records (credits, charges, grants), numbered from 1 without gaps
-    over all kinds.
+    """An append-only log of typed records (credits, charges, grants, clawbacks, refunds), numbered
+    from 1 without gaps over all kinds.
 
-    Exactly once, by one key per record (`unique_key`): a credit per (task, node), a charge per
-    task, a grant per caller-given key. A record whose key is already in the log is ignored, whatever
-    the number of calls, restarts or concurrent callers, even if its other fields differ (the first
-    one written stands). Nothing is ever updated or deleted.
+    Exactly once, by one key per record (`unique_key`): a credit per (task, node, ref = the accepted
+    lease), a charge per (task, ref), a grant per caller-given key, a clawback per (task, node,
+    ref = the lease no longer believed), a refund per (task, ref). A record whose key is already in
+    the log is ignored, whatever the number of calls, restarts or concurrent callers, even if its
+    other fields differ (the first one written stands). Nothing is ever updated or deleted: a
+    reopened task's credits and charge are reversed by new clawback and refund entries.
 
-    The store does not check that a task's charge equals its credits: the caller builds both
-    (`entries.charge_for`) and appends them in one call; `ledger.verify` checks the result.
+    The store does not check that a task's charge equals its credits, nor that a clawback matches a
+    credit: the caller builds them (`entries.charge_for`, `entries.reversal_of`) and appends each
+    verdict or reopen in one call; `ledger.verify` checks the result.
 
     Using a store after `close()` raises `StoreClosed`; a failing database raises `StorageError`.
     A store is an async context manager that closes on exit.
@@ -45,23 +48,30 @@ class LedgerStore(ABC):
         """Up to `limit` entries with seq > `after`, in ascending seq. `limit` < 1 returns []."""
 
     @abstractmethod
+    async def contains(self, key: UniqueKey) -> bool:
+        """Whether a record with this `unique_key` is in the log (committed, or appended by this
+        call's own transaction for the coordinator's SQL functions)."""
+
+    @abstractmethod
     async def balances(self) -> Balances:
-        """Per (node, owner) and per owner sums of credits, per account sums of every kind, and
-        totals, over the whole log, as one snapshot. Rows are sorted by amount (credits, balance)
-        descending, then by name."""
+        """Per (node, owner) and per owner sums of credits net of clawbacks, per account sums of
+        every kind, and totals, over the whole log, as one snapshot (`entries.Balances`). Rows are
+        sorted by amount (credits, balance) descending, then by name."""
 
     @abstractmethod
     async def history(self, node: str) -> list[Entry]:
-        """Every credit entry paying `node`, in ascending seq; [] for a node never credited."""
+        """Every credit paying `node` and every clawback taking one back, in ascending seq; [] for
+        a node never credited. Sum `Entry.delta`, not `amount`, for what the node holds."""
 
     @abstractmethod
     async def account_balance(self, account: str) -> int:
-        """granted + earned - spent for `account` (0 for an account without entries). Cheap: the
-        coordinator asks it on every job submission."""
+        """granted + earned - spent - clawed back + refunded for `account` (0 for an account
+        without entries). Cheap: the coordinator asks it on every job submission."""
 
     @abstractmethod
     async def account_history(self, account: str) -> list[Entry]:
-        """Every entry of `account` (credits to it, charges to it, grants to it), in ascending seq."""
+        """Every entry of `account` (credits to it, charges to it, grants to it, clawbacks from it,
+        refunds to it), in ascending seq."""
 
     @abstractmethod
     async def close(self) -> None:
@@ -99,7 +109,7 @@ class InMemoryLedgerStore(LedgerStore):
             entry = Entry(len(self._log) + 1, record)
             self._log.append(entry)
             self._keys.add(record.unique_key)
-            if isinstance(record, Credit):
+            if isinstance(record, Credit | Clawback):
                 self._by_node.setdefault(record.node, []).append(entry)
             self._by_account.setdefault(record.account, []).append(entry)
             self._balance[record.account] = self._balance.get(record.account, 0) \
@@ -117,6 +127,10 @@ class InMemoryLedgerStore(LedgerStore):
             return []
         start = max(after, 0)  # seq n sits at index n - 1
         return self._log[start:start + limit]
+
+    async def contains(self, key: UniqueKey) -> bool:
+        self._check_open()
+        return key in self._keys
 
     async def balances(self) -> Balances:
         self._check_open()

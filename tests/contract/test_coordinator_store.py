@@ -366,25 +366,42 @@ async def test_verdict_reopen_and_new_verdict_in_one_batch_apply_in_order(store:
     assert [await store.account_balance(a) for a in ("dave", "owner-n1", "owner-n2")] == [93, 0, 7]
 
 
-async def test_a_new_verdict_reusing_the_old_keys_is_refused_and_writes_nothing(store: CoordinatorStore) -> None:
-    # Credits without a ref key the new charge like the refunded one: written, the submitter would
-    # not pay for the second verdict while its contributors are paid. Refused loudly, whole.
+async def test_verdicts_built_without_refs_are_keyed_by_their_accepted_leases(store: CoordinatorStore) -> None:
+    # Without a ref the second charge would share the refunded charge's key: the submitter would
+    # not pay for the second verdict while its contributors are paid.
+    job, tasks, blobs = new_job(submitter="dave")
+    jid, t0 = job.spec.id, tasks[0].id
+    await store.create_job(job, tasks, blobs)
+    await store.grant("dave", 100, key="start:dave", memo="", created_at=1.0)
+    first = verdict(t0, jid, (f"{t0}-l1", f"{t0}-l2"), submitter="dave")
+    await store.apply([*accepted_ops(t0, jid), first])
+    await store.apply([reopen(first, jid, f"{t0}-l1")])
+
+    again = verdict(t0, jid, (f"{t0}-l3", f"{t0}-l4"), submitter="dave")  # n1 and n2 once more
+    await store.apply([again])
+    await store.apply([first, again])  # replays of both verdicts
+
+    entries = await store.ledger_entries(0, 100)
+    assert [(e.kind, getattr(e.record, "ref", "")) for e in entries[-3:]] == [
+        ("credit", f"{t0}-l3"), ("credit", f"{t0}-l4"), ("charge", f"{t0}-l3")]
+    assert len(entries) == 1 + 3 + 3 + 3
+    assert [await store.account_balance(a) for a in ("dave", "owner-n1", "owner-n2")] == [90, 5, 5]
+    await assert_conserved(store)
+
+
+async def test_a_new_verdict_sharing_some_keys_with_the_old_one_is_refused_whole(store: CoordinatorStore) -> None:
+    # A caller's bug: written, it would pay without charging (or charge without paying). Refused
+    # loudly, and nothing of the batch is written.
     jid, t0, _, first = await submitted_and_verified(store)
     await store.apply([reopen(first, jid, f"{t0}-a")])
     size = len(await store.ledger_entries(0, 100))
-    unkeyed = TaskDecided(t0, TaskState.VERIFIED, "e" * 64, None, (f"{t0}-b",),
-                          (Credit(node="n2", owner="owner-n2", job=jid, task=t0, amount=7, result_digest="e" * 64,
-                                  created_at=4.0),),
-                          Charge(account="dave", job=jid, task=t0, amount=7, created_at=4.0, ref=f"{t0}-a-x"))
-    clash = TaskDecided(t0, TaskState.VERIFIED, "e" * 64, None, (f"{t0}-c",), unkeyed.credits,
+    clash = TaskDecided(t0, TaskState.VERIFIED, "e" * 64, None, (f"{t0}-a",), first.credits,
                         Charge(account="dave", job=jid, task=t0, amount=7, created_at=5.0, ref=f"{t0}-c"))
 
-    await store.apply([unkeyed])  # no key in common with the first verdict: fine
-    await store.apply([reopen(unkeyed, jid, f"{t0}-b")])
     with pytest.raises(StoreError, match="reuses ledger keys"):
         await store.apply([clash])
 
-    assert len(await store.ledger_entries(0, 100)) == size + 4
+    assert len(await store.ledger_entries(0, 100)) == size
     assert await store.canonical_digests(jid) == [None, None]
 
 

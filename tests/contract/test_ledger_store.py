@@ -17,12 +17,15 @@ from ledger.entries import (
     AccountBalance,
     Balances,
     Charge,
+    Clawback,
     Credit,
     Grant,
     LedgerRecord,
     NodeBalance,
     OwnerBalance,
+    Refund,
     charge_for,
+    reversal_of,
 )
 from ledger.errors import LedgerError, StorageError, StoreClosed
 from ledger.factory import open_ledger
@@ -386,40 +389,73 @@ async def test_self_dealing_mints_nothing(ledger: LedgerStore) -> None:
 
 
 class _Ops:
-    """Hypothesis strategies for a ledger's life: grants (keys may repeat) and verified tasks (a
-    task id drawn again replays the same verdict, as a redelivered batch or a restart would)."""
+    """Hypothesis strategies for a ledger's life: grants (keys may repeat), verified tasks and
+    reopened tasks. A task drawn while it stands replays its verdict, as a redelivered batch or a
+    restart would; drawn after a reopen it is verified again under new leases. A reopen of a
+    standing task claws back its credits and refunds its charge; of a task not standing, it replays
+    the last reopen (which must add nothing)."""
 
     accounts = st.sampled_from(["alice", "bob", "carol", "dave"])
+    tasks = st.sampled_from([f"t{i}" for i in range(6)])
     grant = st.tuples(st.just("grant"), accounts, st.integers(1, 10**9), st.sampled_from(["k1", "k2", "k3", "k4"]))
-    task = st.tuples(st.just("task"), accounts, st.sampled_from([f"t{i}" for i in range(6)]),
+    task = st.tuples(st.just("task"), accounts, tasks,
                      st.lists(st.tuples(st.sampled_from(["n1", "n2", "n3", "n4"]), accounts),
                               min_size=1, max_size=3, unique_by=lambda p: p[0]),
                      st.integers(1, 10**6))
-    batches = st.lists(st.lists(st.one_of(grant, task), min_size=1, max_size=4), min_size=1, max_size=8)
+    reopen = st.tuples(st.just("reopen"), tasks)
+    batches = st.lists(st.lists(st.one_of(grant, task, reopen), min_size=1, max_size=4), min_size=1, max_size=8)
+
+
+class _Model:
+    """What the coordinator would append for each op, and which credits stand."""
+
+    def __init__(self) -> None:
+        self.standing: dict[str, list[Credit | Charge]] = {}  # task -> its verdict while verified
+        self.verdicts: dict[str, int] = {}  # task -> verdicts so far: new leases for each
+        self.last_reversal: dict[str, list[LedgerRecord]] = {}
+
+    def records(self, op: tuple[Any, ...]) -> list[LedgerRecord]:
+        if op[0] == "grant":
+            _, account, amount, key = op
+            return [grant(account, amount, key=key)]
+        if op[0] == "task":
+            _, submitter, task, paid, amount = op
+            if task not in self.standing:
+                n = self.verdicts[task] = self.verdicts.get(task, 0) + 1
+                credits = [Credit(node=node, owner=owner, job="job-1", task=task, amount=amount,
+                                  result_digest=DIGEST, created_at=1.0, ref=f"{task}-v{n}-{node}")
+                           for node, owner in paid]
+                self.standing[task] = [*credits, charge_for(credits, account=submitter, created_at=1.0)]
+            return list(self.standing[task])
+        _, task = op
+        verdict = self.standing.pop(task, None)
+        if verdict is not None:
+            credits = [r for r in verdict if isinstance(r, Credit)]
+            [charge] = [r for r in verdict if isinstance(r, Charge)]
+            self.last_reversal[task] = reversal_of(credits, charge, bad_lease=credits[0].ref, reason="caught",
+                                                   created_at=2.0)
+        return list(self.last_reversal.get(task, []))
+
+    def standing_credits(self) -> int:
+        return sum(r.amount for verdict in self.standing.values() for r in verdict if isinstance(r, Credit))
 
 
 @pytest.mark.parametrize("url", ["memory", "sqlite://"])
 @settings(max_examples=60, deadline=None)
 @given(batches=_Ops.batches)
 def test_account_balances_always_add_up_to_what_was_granted(url: str, batches: list[list[tuple[Any, ...]]]) -> None:
-    """The conservation law, over random sequences of grants and verified tasks."""
+    """The conservation law, over random sequences of grants, verified tasks and reopened tasks."""
 
     async def run() -> None:
-        verdicts: dict[str, list[Credit | Charge]] = {}
+        model = _Model()
         async with open_ledger(url) as store:
             for batch in batches:
-                records: list[LedgerRecord] = []
-                for op in batch:
-                    if op[0] == "grant":
-                        _, account, amount, key = op
-                        records.append(grant(account, amount, key=key))
-                    else:
-                        _, submitter, task, paid, amount = op
-                        records.extend(verdicts.setdefault(task, verified(task, submitter, paid, amount=amount)))
+                records = [r for op in batch for r in model.records(op)]
                 await store.append(records)
 
                 balances = await store.balances()
                 assert sum(a.balance for a in balances.accounts) == balances.total_granted
+                assert balances.total_credits == model.standing_credits()  # net of clawbacks
                 for row in balances.accounts:
                     history = await store.account_history(row.account)
                     assert await store.account_balance(row.account) == row.balance == sum(e.delta for e in history)
@@ -428,6 +464,103 @@ def test_account_balances_always_add_up_to_what_was_granted(url: str, batches: l
             assert len({e.record.unique_key for e in entries}) == len(entries)
 
     asyncio.run(run())
+
+
+# --- clawbacks and refunds: reopened tasks (issue 8) -----------------------------------------
+
+
+def reopened(task: str, submitter: str, paid: list[tuple[str, str]], *, lease: str,
+             amount: int = 5) -> tuple[list[Credit | Charge], list[LedgerRecord]]:
+    """A verdict paying each (node, owner) under lease `lease`-node, and its reversal under `lease`."""
+    credits = [Credit(node=node, owner=owner, job="job-1", task=task, amount=amount, result_digest=DIGEST,
+                      created_at=1.0, ref=f"{lease}-{node}") for node, owner in paid]
+    charge = charge_for(credits, account=submitter, created_at=1.0)
+    return [*credits, charge], reversal_of(credits, charge, bad_lease=lease, reason="failed an audit",
+                                           created_at=2.0)
+
+
+async def test_clawbacks_and_refunds_keep_every_field(ledger: LedgerStore) -> None:
+    verdict, reversal = reopened("t1", "alice", [("n1", "bob")], lease="l1", amount=7)
+
+    await ledger.append([*verdict, *reversal])
+
+    entries = await ledger.entries()
+    assert [e.record for e in entries] == [*verdict, *reversal]
+    assert [e.delta for e in entries] == [7, -7, -7, 7]
+    assert entries[2].to_json() == {"seq": 3, "kind": "clawback", "account": "bob", "node": "n1", "job": "job-1",
+                                    "task": "t1", "amount": 7, "reason": "failed an audit", "ref": "l1",
+                                    "created_at": 2.0}
+    assert entries[3].to_json() == {"seq": 4, "kind": "refund", "account": "alice", "job": "job-1", "task": "t1",
+                                    "amount": 7, "ref": "l1", "created_at": 2.0}
+
+
+async def test_a_reversal_is_written_once_whatever_the_repeats(ledger: LedgerStore) -> None:
+    # Attack: a replayed reopen must not claw back or refund twice, nor leave a gap in seq.
+    verdict, reversal = reopened("t1", "alice", [("n1", "bob"), ("n2", "carol")], lease="l1")
+    await ledger.append([grant("alice", 100, key="a"), *verdict, *reversal])
+
+    again = await ledger.append(reversal)
+    other_amount = await ledger.append([Clawback(account="bob", node="n1", job="job-1", task="t1", amount=99,
+                                                 reason="", ref="l1", created_at=3.0),
+                                        Refund(account="alice", job="job-1", task="t1", amount=99, ref="l1",
+                                               created_at=3.0)])
+
+    assert (again, other_amount) == (0, 0)
+    assert [e.seq for e in await ledger.entries()] == [1, 2, 3, 4, 5, 6, 7]
+    assert [await ledger.account_balance(a) for a in ("alice", "bob", "carol")] == [100, 0, 0]
+
+
+async def test_a_node_is_credited_again_for_a_task_after_a_clawback(ledger: LedgerStore) -> None:
+    first, reversal = reopened("t1", "alice", [("n1", "bob")], lease="l1")
+    second, _ = reopened("t1", "alice", [("n1", "bob")], lease="l2")
+
+    added = [await ledger.append(first), await ledger.append(reversal), await ledger.append(second),
+             await ledger.append(second)]
+
+    assert added == [2, 2, 2, 0]  # the second verdict once, under its own leases
+    assert [(e.kind, e.delta) for e in await ledger.history("n1")] == [("credit", 5), ("clawback", -5),
+                                                                         ("credit", 5)]
+    assert await ledger.contains(("credit", "t1", "n1", "l2-n1"))
+    assert not await ledger.contains(("credit", "t1", "n1", "l3-n1"))
+
+
+async def test_balances_show_credits_net_of_clawbacks_and_accounts_their_reversals(ledger: LedgerStore) -> None:
+    # Prepare: alice pays for t1 (bob's n1 and carol's n2) and t2 (bob's n1); t1 is reopened.
+    await ledger.append([grant("alice", 100, key="a")])
+    t1, reversal = reopened("t1", "alice", [("n1", "bob"), ("n2", "carol")], lease="l1", amount=10)
+    t2, _ = reopened("t2", "alice", [("n1", "bob")], lease="l2", amount=3)
+    await ledger.append([*t1, *t2])
+    await ledger.append(reversal)
+
+    # Execute
+    balances = await ledger.balances()
+
+    # Assert
+    assert balances.nodes == (NodeBalance("n1", "bob", 3, 1), NodeBalance("n2", "carol", 0, 0))
+    assert balances.owners == (OwnerBalance("bob", 3, 1), OwnerBalance("carol", 0, 0))
+    assert (balances.total_credits, balances.entries) == (3, 1)
+    assert balances.accounts == (AccountBalance("alice", 100, 0, 23, 0, 20), AccountBalance("bob", 0, 13, 0, 10, 0),
+                                 AccountBalance("carol", 0, 10, 0, 10, 0))
+    assert [a.balance for a in balances.accounts] == [97, 3, 0]
+    assert sum(a.balance for a in balances.accounts) == balances.total_granted == 100
+    assert balances.to_json()["accounts"][1] == {"account": "bob", "granted": 0, "earned": 13, "spent": 0,
+                                                 "clawed_back": 10, "refunded": 0, "balance": 3}
+    assert [await ledger.account_balance(a) for a in ("alice", "bob", "carol")] == [97, 3, 0]
+
+
+async def test_a_clawback_can_leave_an_owner_below_zero_and_still_conserve(ledger: LedgerStore) -> None:
+    # bob spent what his node earned before it was caught: his balance goes negative, and nothing
+    # is made or lost overall.
+    await ledger.append([grant("alice", 100, key="a")])
+    verdict, reversal = reopened("t1", "alice", [("n1", "bob")], lease="l1", amount=40)
+    await ledger.append(verdict)
+    await ledger.append(reopened("t2", "bob", [("n2", "carol")], lease="l2", amount=40)[0])
+
+    await ledger.append(reversal)
+
+    assert [await ledger.account_balance(a) for a in ("alice", "bob", "carol")] == [100, -40, 40]
+    balances = await ledger.balances()
+    assert sum(a.balance for a in balances.accounts) == balances.total_granted
 
 
 # --- choosing a backend ----------------------------------------------------------------------

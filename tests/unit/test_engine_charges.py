@@ -80,8 +80,11 @@ def test_a_verified_task_charges_its_submitter_the_sum_of_its_credits() -> None:
 
     [decided] = verdicts(engine)
     assert decided.state is TaskState.VERIFIED
+    # keyed by the canonical result's lease: a reopened task's next verdict charges again, once
     assert decided.charge == Charge(account="dave", job=job.spec.id, task=decided.task,
-                                    amount=sum(c.amount for c in decided.credits), created_at=2.0)
+                                    amount=sum(c.amount for c in decided.credits), created_at=2.0,
+                                    ref=decided.accepted_leases[0])
+    assert [c.ref for c in decided.credits] == list(decided.accepted_leases)
     assert {c.owner for c in decided.credits} == {"alice", "bob"}
 
 

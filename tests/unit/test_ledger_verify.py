@@ -412,4 +412,5 @@ def test_an_entry_of_unknown_kind_is_malformed() -> None:
 
     found = find_discrepancies(entries, PAID_ACCEPTED, balances)
 
-    assert found[0] == "entry #1 is malformed: field 'kind' is 'gift', not one of credit, charge, grant"
+    assert found[0] == ("entry #1 is malformed: field 'kind' is 'gift', "
+                        "not one of credit, charge, grant, clawback, refund")

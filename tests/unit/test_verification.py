@@ -235,10 +235,17 @@ def test_a_silent_node_loses_its_leases_within_the_silence_window() -> None:
 def test_a_task_that_cannot_be_decided_fails_at_the_deadline_with_a_reason() -> None:
     net = Net(deadline=50.0)
     job = net.job(1)
-    net.run({"a": ("alice", honest)}, rounds=60)  # one owner: k=2 can never be met
+    net.run({}, rounds=60)  # nobody online: nothing can decide it
     assert job.state is JobState.FAILED
     reason = job.failures[0]["reason"]
-    assert reason.startswith("deadline passed") and "no further owner is online" in reason
+    assert reason == "deadline passed: waiting: 0 of 2 required owners online"
+
+
+def test_a_lone_owners_results_are_decided_by_audit_rather_than_waiting_for_a_second_owner() -> None:
+    net = Net(deadline=50.0)
+    job = net.job(3)
+    net.run({"a": ("alice", honest)}, rounds=60)  # one owner: k=2 can never be met by owners alone
+    assert job.state is JobState.DONE and net.audits_run >= 3
 
 
 def test_a_waiting_task_says_why() -> None:
