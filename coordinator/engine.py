@@ -609,7 +609,7 @@ class Engine:
     def _closing_checks(self, job: JobRecord) -> bool:
         """Before a job is reported done, one result of each node that ran tasks of it alone on
         trust (adaptive replication) is audited, chosen at random, the nodes with the most such
-        results first, at most CLOSING_CHECK_SHARE of the job's tasks (and at least one): a node
+        results first, for at most CLOSING_CHECK_SHARE of the job's tasks: a node
         that turned bad once trusted is caught before the submitter reads wrong outputs, not after
         (it would be caught in the end anyway, at 1/streak per task). True while checks run."""
         pending = self._closing.get(job.spec.id)
@@ -628,7 +628,12 @@ class Engine:
         nodes = sorted(by_node)
         self.rng.shuffle(nodes)
         nodes.sort(key=lambda n: -len(by_node[n]))  # stable: ties stay in random order
-        budget = max(1, math.ceil(CLOSING_CHECK_SHARE * len(job.tasks)))
+        # CLOSING_CHECK_SHARE of the job's tasks; for a job too small for one whole check, one check
+        # with that probability (a one-task job is not audited twice as often as any other task).
+        share = CLOSING_CHECK_SHARE * len(job.tasks)
+        budget = math.floor(share) + (1 if self.rng.random() < share - math.floor(share) else 0)
+        if budget == 0:
+            return False
         picked = {self.rng.choice(sorted(by_node[n], key=lambda t: t.index)).id for n in nodes[:budget]}
         self._closing[job.spec.id] = set(picked)
         for task_id in sorted(picked):
