@@ -505,3 +505,57 @@ def test_a_coordinator_killed_with_leases_expired_and_a_node_offline_finishes_th
 
 async def _counter_at_least(api: Api, name: str, value: int) -> bool:
     return (await api.counters()).get(name, 0) >= value
+
+
+# ---- a hoarder that keeps heartbeating -------------------------------------------------------------
+def test_a_node_claiming_4096_slots_that_heartbeats_and_never_answers_holds_two_leases_and_delays_little(
+        net: Network) -> None:
+    """Attack: a node (a Puppet) asks for 4,096 slots, takes what it is given, never answers, and keeps
+    sending its heartbeat work request every 2 s, so the silence check never fires: before, it held
+    every task it could for a whole lease (60 s) each time, and the job waited.
+    Refused: a new node holds at most 2 leases (coordinator/capacity.py); leases last 4x the task
+    time measured so far (15 s floor), and a node that lets two lapse in a row gets nothing for a
+    lease's time; its lapsed tasks go to the others first. The job completes within ~15 s of what it
+    takes without the hoarder, and the hoarder earns nothing."""
+    net.start_coordinator()
+    start_nodes(net, "alice", "bob")
+    x = rows(64, seed=31)
+
+    async def scenario() -> tuple[dict[str, Any], float, int, dict[str, int]]:
+        async with api_for(net.url) as api, aiomqtt.Client(*BROKER) as conn:
+            owner = Identity.generate()
+            assert (await api.register(owner, "harold"))[0] == 201
+            hog = Puppet(conn, api)
+            assert (await api.certify(hog.identity, certificate(owner, hog.identity)))[0] == 200
+            await hog.listen()
+            await hog.ask(4096, owner="harold")
+            await until(lambda: _waiting(api, 3), "alice, bob and the hoarder to wait for work")
+
+            async def heartbeat() -> None:
+                while True:
+                    await asyncio.sleep(2.0)
+                    await hog.ask(4096, owner="harold")
+
+            beating = asyncio.create_task(heartbeat())
+            try:
+                async with submitter(net.url) as c:
+                    t0 = time.monotonic()
+                    job = await c.submit(await c.ensure_model(MODEL), {"x": x}, task_size=4)
+                    held = await hog.receive(2, within=10)
+                    status = await c.wait(job["job"], timeout=90)
+                    seconds = time.monotonic() - t0
+            finally:
+                beating.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beating
+            return status, seconds, len(held), await api.counters()
+
+    status, seconds, held, seen = asyncio.run(scenario())
+    assert status["state"] == "done" and status["tasks"]["verified"] == 16, status
+    assert held == 2
+    # two lapsed leases of 15 s at most, each retried elsewhere at once; no 60 s lease, no 4,096 tasks held
+    assert seconds < 40, seconds
+    problems, entries, _ = asyncio.run(ledger(net.url))
+    assert problems == []
+    assert not [e for e in entries if e["kind"] == "credit" and e.get("owner") == "harold"]
+    assert seen.get("lease_expired", 0) >= 1
