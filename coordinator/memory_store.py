@@ -49,6 +49,7 @@ class MemoryStore(CoordinatorStore):
         self.accounts: dict[str, Account] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.invites: dict[str, Invite] = {}
+        self.trust: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def put_model(self, digest: str, data: bytes, meta: dict[str, Any]) -> bool:
         if digest in self.models:
@@ -194,6 +195,12 @@ class MemoryStore(CoordinatorStore):
 
     async def load_accounts(self) -> tuple[list[Account], list[NodeRecord], list[Invite]]:
         return list(self.accounts.values()), list(self.nodes.values()), list(self.invites.values())
+
+    async def save_trust(self, rows: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        self.trust.update(((kind, name), dict(rec)) for kind, name, rec in rows)
+
+    async def load_trust(self) -> list[tuple[str, str, dict[str, Any]]]:
+        return [(kind, name, dict(rec)) for (kind, name), rec in self.trust.items()]
 
     async def close(self) -> None:
         await self.ledger.close()

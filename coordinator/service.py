@@ -110,6 +110,7 @@ class Coordinator:
     async def start(self) -> None:
         await self.membership.load()
         await self._setup_broker_access()
+        self.engine.trust.restore(await self.store.load_trust())
         await self._restore()
         self._tasks = [asyncio.create_task(self._mqtt_loop(), name="mqtt"),
                        asyncio.create_task(self._persist_loop(), name="persist"),
@@ -120,6 +121,7 @@ class Coordinator:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._audit_tasks, return_exceptions=True)
         await self.auditor.close()
+        await self.store.save_trust(self.engine.trust.take_changed())
         await self._flush_now()
         await self.store.close()
 
@@ -407,6 +409,8 @@ class Coordinator:
             self._dirty.clear()
             try:
                 await self._flush_now()
+                # Trust records go with the batch that changed them (a penalty is not lost to a crash).
+                await self.store.save_trust(self.engine.trust.take_changed())
             except Exception:
                 log.exception("persisting a batch failed; retrying in 1 s")
                 await asyncio.sleep(1)

@@ -62,6 +62,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     node TEXT PRIMARY KEY, public_key BLOB NOT NULL, owner TEXT NOT NULL, owner_id TEXT NOT NULL,
     expires_at REAL NOT NULL, registered_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS invites (token_sha256 TEXT PRIMARY KEY, created_at REAL NOT NULL, used_by TEXT);
+CREATE TABLE IF NOT EXISTS trust (kind TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (kind, name));
 CREATE TABLE IF NOT EXISTS superseded_leases (lease TEXT PRIMARY KEY, task TEXT NOT NULL);
 """
 # superseded_leases: the leases (and so the results) of a task from before it was reopened. They
@@ -199,6 +201,15 @@ class SQLiteStore(CoordinatorStore):
                           [(i.token_sha256, i.created_at, i.used_by) for i in invites])
 
         await self._tx(run)
+
+    async def save_trust(self, rows: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        if rows:
+            await self._tx(lambda c: c.executemany("INSERT OR REPLACE INTO trust VALUES (?, ?, ?)",
+                                                   [(k, n, json.dumps(r)) for k, n, r in rows]))
+
+    async def load_trust(self) -> list[tuple[str, str, dict[str, Any]]]:
+        rows = await self._run(lambda c: c.execute("SELECT kind, name, record FROM trust").fetchall())
+        return [(str(k), str(n), dict(json.loads(r))) for k, n, r in rows]
 
     async def load_accounts(self) -> tuple[list[Account], list[NodeRecord], list[Invite]]:
         def run(c: sqlite3.Connection) -> tuple[list[Account], list[NodeRecord], list[Invite]]:

@@ -164,6 +164,13 @@ class CoordinatorStore(ABC):
     async def load_accounts(self) -> tuple[list[Account], list[NodeRecord], list[Invite]]: ...
 
     @abstractmethod
+    async def save_trust(self, rows: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        """Insert or replace trust records, keyed by (kind, name): kind is "node" or "owner"."""
+
+    @abstractmethod
+    async def load_trust(self) -> list[tuple[str, str, dict[str, Any]]]: ...
+
+    @abstractmethod
     async def close(self) -> None: ...
 
 

@@ -85,18 +85,37 @@ class TrustBook:
         self.nodes: dict[str, TrustRecord] = {}
         self.owners: dict[str, TrustRecord] = {}
         self.blocked: set[str] = set()
+        self._dirty: set[tuple[str, str]] = set()  # ("node" | "owner", name) changed since `take_changed`
 
     def node(self, node: str) -> TrustRecord:
         rec = self.nodes.get(node)
         if rec is None:
             rec = self.nodes[node] = TrustRecord()
+        self._dirty.add(("node", node))  # callers fetch a record to change it
         return rec
 
     def owner(self, owner: str) -> TrustRecord:
         rec = self.owners.get(owner)
         if rec is None:
             rec = self.owners[owner] = TrustRecord()
+        self._dirty.add(("owner", owner))
         return rec
+
+    # ---- persistence: the records survive a restart, the unchecked lists do not (the tasks they
+    # name are no longer in memory after one: nothing could be reopened from them) --------------
+    def take_changed(self) -> list[tuple[str, str, dict[str, object]]]:
+        """(kind, name, record) of every record changed since the last call."""
+        changed, self._dirty = self._dirty, set()
+        out = []
+        for kind, name in sorted(changed):
+            rec = (self.nodes if kind == "node" else self.owners).get(name)
+            if rec is not None:
+                out.append((kind, name, _saved(rec)))
+        return out
+
+    def restore(self, rows: list[tuple[str, str, dict[str, object]]]) -> None:
+        for kind, name, saved in rows:
+            (self.nodes if kind == "node" else self.owners)[name] = _loaded(saved)
 
     # ---- questions -----------------------------------------------------------------------------
     def is_ground_truth(self, owner: str) -> bool:
@@ -185,3 +204,18 @@ class TrustBook:
 
     def draw_audit(self, rate: float, rng: random.Random) -> bool:
         return rate >= 1.0 or (rate > 0.0 and rng.random() < rate)
+
+
+_SAVED = ("streak", "valid", "invalid", "errors", "audits_passed", "audits_failed", "last_seen", "last_problem")
+
+
+def _saved(rec: TrustRecord) -> dict[str, object]:
+    return {name: getattr(rec, name) for name in _SAVED}
+
+
+def _loaded(saved: dict[str, object]) -> TrustRecord:
+    rec = TrustRecord()
+    for name in _SAVED:
+        if name in saved:
+            setattr(rec, name, saved[name])
+    return rec

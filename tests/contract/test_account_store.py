@@ -52,3 +52,15 @@ async def test_sqlite_accounts_survive_reopening(tmp_path: Path) -> None:
         assert await s2.load_accounts() == ([ALICE], [NODE], [])
     finally:
         await s2.close()
+
+
+async def test_trust_records_survive_in_every_store(store: CoordinatorStore) -> None:
+    # A node's earned trust (and a penalty's reset) outlives a restart: the records load back equal.
+    rows = [("node", "n1", {"streak": 12, "valid": 40, "invalid": 0, "errors": 1, "audits_passed": 12,
+                            "audits_failed": 0, "last_seen": 5.0, "last_problem": None}),
+            ("owner", "alice", {"streak": 0, "valid": 3, "invalid": 2, "errors": 0, "audits_passed": 1,
+                                "audits_failed": 2, "last_seen": 6.0, "last_problem": "failed an audit"})]
+    await store.save_trust(rows)
+    await store.save_trust([("node", "n1", {**rows[0][2], "streak": 0, "invalid": 1})])
+    loaded = sorted(await store.load_trust())
+    assert loaded == sorted([("node", "n1", {**rows[0][2], "streak": 0, "invalid": 1}), rows[1]])

@@ -281,3 +281,17 @@ def test_once_a_liar_of_a_two_owner_network_is_blocked_its_tasks_are_decided_by_
     assert job.state is JobState.DONE and job.failed == 0
     for decided in net.decided():
         assert decided.canonical_digest == truth_digest(net, decided.task)
+
+
+def test_trust_records_round_trip_through_what_the_store_keeps() -> None:
+    book = TrustBook(TrustPolicy(trusted_after=3))
+    for _ in range(3):
+        book.confirmed("n", "o", audited=True, now=1.0)
+    book.failed("m", "p", "failed an audit", audited=True, now=2.0)
+    saved = book.take_changed()
+    assert {(k, n) for k, n, _ in saved} == {("node", "n"), ("owner", "o"), ("node", "m"), ("owner", "p")}
+    assert book.take_changed() == []  # nothing changed since
+    restored = TrustBook(TrustPolicy(trusted_after=3))
+    restored.restore(saved)
+    assert restored.trusted("n", "o") and not restored.trusted("m", "p")
+    assert restored.nodes["m"].audits_failed == 1 and restored.nodes["m"].last_problem == "failed an audit"
