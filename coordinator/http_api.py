@@ -9,7 +9,6 @@ import secrets
 import time
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 
 from ledger.entries import account_of
@@ -24,7 +23,9 @@ from .broker_acl import BrokerAclError
 from .budget import InsufficientCredit
 from .http_auth import JOB_TOKEN_HEADER, PRINCIPAL, Access, Principal, access, refuse
 from .jobs import BadJob, JobOptions
+from .json_inputs import MAX_JSON_BODY_BYTES, parse_json_job
 from .models import InvalidModel
+from .openapi import OPENAPI_PATH, serve_openapi
 from .queries import JobView, LeaseView
 from .service import Coordinator, off_loop
 
@@ -146,20 +147,6 @@ async def get_model(request: web.Request) -> web.Response:
     return web.Response(body=data, content_type="application/octet-stream")
 
 
-def _json_inputs(raw: Any) -> dict[str, np.ndarray[Any, Any]]:
-    if not isinstance(raw, dict) or not raw:
-        raise BadJob('"inputs" must map each input name to {"dtype", "shape", "data"}')
-    out = {}
-    for name, spec in raw.items():
-        if not isinstance(spec, dict) or not {"dtype", "shape", "data"} <= spec.keys():
-            raise BadJob(f'input {name!r} needs "dtype", "shape" and "data"')
-        try:
-            out[name] = np.asarray(spec["data"], dtype=np.dtype(spec["dtype"])).reshape(spec["shape"])
-        except (TypeError, ValueError) as exc:
-            raise BadJob(f"input {name!r} is not a {spec['dtype']} array of shape {spec['shape']}: {exc}") from exc
-    return out
-
-
 @access(Access.ACCOUNT)
 async def post_job(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
@@ -171,13 +158,12 @@ async def post_job(request: web.Request) -> web.Response:
             inputs = await off_loop(len(data), from_npz, data, max_bytes=c.settings.max_body_bytes)
             model = request.query.get("model", "")
         elif request.content_type == "application/json":
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return fail(400, "body is not valid JSON")
-            if not isinstance(body, dict):
-                return fail(400, "body must be a JSON object")
-            inputs = _json_inputs(body.get("inputs"))
+            if (request.content_length or 0) > MAX_JSON_BODY_BYTES:  # refused before it is read
+                return fail(413, f"JSON job bodies are limited to {MAX_JSON_BODY_BYTES} bytes: send inputs "
+                                 f"as {NPZ}")
+            data = await request.read()
+            # json_inputs.py checks depth, dtypes and shapes before anything big is built
+            body, inputs = await off_loop(len(data), parse_json_job, data, max_bytes=c.settings.max_body_bytes)
             model = str(body.get("model", ""))
         else:
             return fail(415, f"send inputs as {NPZ} (options in the query) or application/json")
@@ -318,7 +304,8 @@ async def put_blob(request: web.Request) -> web.Response:
 
 def _paging(request: web.Request) -> tuple[int, int]:
     try:
-        after = max(0, int(request.query.get("after", 0)))
+        # clamped to what the ledger's 64-bit sequence numbers can be: past the end is simply empty
+        after = min(2**63 - 1, max(0, int(request.query.get("after", 0))))
         limit = min(10_000, max(1, int(request.query.get("limit", 1000))))
     except ValueError:
         raise web.HTTPBadRequest(text=json.dumps({"error": "after and limit must be integers"}),
@@ -515,3 +502,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/admin/accounts/{name}/{action:block|unblock}", admin_block)
     app.router.add_post("/v1/admin/accounts/{name}/grant", admin_grant)
     app.router.add_post("/v1/admin/invites", admin_invite)
+    app.router.add_get(OPENAPI_PATH, serve_openapi)

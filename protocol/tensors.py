@@ -23,6 +23,7 @@ ALLOWED_DTYPES: frozenset[str] = frozenset(
     {"float16", "float32", "float64", "int8", "int16", "int32", "int64",
      "uint8", "uint16", "uint32", "uint64", "bool"}
 )
+MAX_ELEMENTS = 2**40  # no tensor is larger: far beyond any body or message limit
 MAX_RANK = 8
 
 
@@ -37,6 +38,10 @@ class Tensor:
             raise BadTensor(f"dtype {self.dtype!r} is not allowed")
         if len(self.shape) > MAX_RANK or any((not isinstance(d, int)) or d < 0 for d in self.shape):
             raise BadTensor(f"shape {self.shape!r} is invalid")
+        # An empty tensor (a zero dimension) holds no bytes whatever its other dimensions claim, but
+        # numpy refuses a shape whose product of non-zero dimensions overflows its index type.
+        if math.prod(d for d in self.shape if d) > MAX_ELEMENTS:
+            raise BadTensor(f"shape {self.shape!r} has more elements than any tensor may")
         expected = math.prod(self.shape) * np.dtype(self.dtype).itemsize
         if len(self.data) != expected:
             raise BadTensor(f"data has {len(self.data)} bytes, shape {self.shape} of {self.dtype} needs {expected}")
