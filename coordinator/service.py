@@ -83,6 +83,7 @@ class Coordinator:
         self.auditor = Auditor(workers=settings.audit_workers)
         self._audit_tasks: set[asyncio.Task[None]] = set()
         self._uploads: dict[str, str] = {}  # lease -> the output digest its node uploaded under it
+        self._trust_saved_at = 0.0
         self.counters: Counter[str] = Counter()
         self._client: aiomqtt.Client | None = None
         self._dirty = asyncio.Event()
@@ -409,8 +410,13 @@ class Coordinator:
             self._dirty.clear()
             try:
                 await self._flush_now()
-                # Trust records go with the batch that changed them (a penalty is not lost to a crash).
-                await self.store.save_trust(self.engine.trust.take_changed())
+                # Trust records are saved once a second, and at once after a penalty (a reset streak
+                # must not come back after a crash); not with every batch, which would add a
+                # transaction to each job's path.
+                now = time.monotonic()
+                if self.engine.trust.penalised or now - self._trust_saved_at >= 1.0:
+                    self._trust_saved_at = now
+                    await self.store.save_trust(self.engine.trust.take_changed())
             except Exception:
                 log.exception("persisting a batch failed; retrying in 1 s")
                 await asyncio.sleep(1)

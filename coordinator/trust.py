@@ -86,6 +86,7 @@ class TrustBook:
         self.owners: dict[str, TrustRecord] = {}
         self.blocked: set[str] = set()
         self._dirty: set[tuple[str, str]] = set()  # ("node" | "owner", name) changed since `take_changed`
+        self.penalised = False  # a penalty since `take_changed`: worth saving at once
 
     def node(self, node: str) -> TrustRecord:
         rec = self.nodes.get(node)
@@ -106,6 +107,7 @@ class TrustBook:
     def take_changed(self) -> list[tuple[str, str, dict[str, object]]]:
         """(kind, name, record) of every record changed since the last call."""
         changed, self._dirty = self._dirty, set()
+        self.penalised = False
         out = []
         for kind, name in sorted(changed):
             rec = (self.nodes if kind == "node" else self.owners).get(name)
@@ -188,6 +190,7 @@ class TrustBook:
         """The result was shown wrong: trust is reset for the node and its owner, the node's unchecked
         results are handed back, and a repeat offender's owner is blocked."""
         n, o = self.node(node), self.owner(owner)
+        self.penalised = True
         for rec in (n, o):
             rec.streak = 0
             rec.invalid += 1
