@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for a job's tasks to be decided, else they fail with the reason (default %(default)s)")
     v.add_argument("--audit-workers", type=int, default=d.audit_workers, metavar="N",
                    help="sandboxed processes running audits at once (default %(default)s)")
+    v.add_argument("--model-probes", type=int, default=d.model_probes, metavar="N",
+                   help="new models checked in sandboxed processes at once; more uploads get 429 (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -87,7 +89,8 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                trusted_after=args.trusted_after, min_audit_rate=args.min_audit_rate,
                                untrusted_audit_rate=args.untrusted_audit_rate, adaptive=not args.no_adaptive,
                                block_after=args.block_after, silence_seconds=args.silence_seconds,
-                               job_deadline=args.job_deadline, audit_workers=args.audit_workers)
+                               job_deadline=args.job_deadline, audit_workers=args.audit_workers,
+                               model_probes=args.model_probes)
 
 
 def _public_key(value: str) -> str:

@@ -24,6 +24,7 @@ from .budget import InsufficientCredit
 from .http_auth import JOB_TOKEN_HEADER, PRINCIPAL, Access, Principal, access, refuse
 from .jobs import BadJob, JobOptions
 from .json_inputs import MAX_JSON_BODY_BYTES, parse_json_job
+from .model_probe import ProbeBusy
 from .models import InvalidModel
 from .openapi import OPENAPI_PATH, serve_openapi
 from .queries import JobView, LeaseView
@@ -126,6 +127,8 @@ async def put_model(request: web.Request) -> web.Response:
         meta, created = await c.add_model(data)
     except InvalidModel as exc:
         return fail(400, str(exc))
+    except ProbeBusy as exc:
+        return refuse(429, str(exc), retry_after=5)
     except Refused as exc:
         return refused(c, exc)
     if created:

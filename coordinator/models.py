@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import onnx
-from onnx import TensorProto
 
 from ledger.credit import model_cost
 from protocol.digests import sha256_hex
-
-ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+from protocol.modelpolicy import MAX_MODEL_BYTES, ModelPolicyError, load_checked
 
 
 class InvalidModel(ValueError):
@@ -31,23 +29,18 @@ def _shape(tt: Any) -> list[int | str | None]:
     return dims
 
 
-def inspect_model(data: bytes) -> dict[str, Any]:
+def inspect_model(data: bytes, *, max_bytes: int = MAX_MODEL_BYTES) -> dict[str, Any]:
     """Parse and check a model; return the metadata the coordinator keeps beside it."""
     try:
-        model = onnx.load_from_string(data)
+        # the shared policy first (protocol/modelpolicy.py): nothing below may touch external data
+        model = load_checked(data, max_bytes=max_bytes)
+    except ModelPolicyError as exc:
+        raise InvalidModel(str(exc)) from exc
+    try:
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises several unrelated types for garbage input
         raise InvalidModel(f"not a valid ONNX model: {str(exc)[:300]}") from exc
     graph = model.graph
-    for opset in model.opset_import:
-        if opset.domain not in ALLOWED_DOMAINS:
-            raise InvalidModel(f"custom operator domain {opset.domain!r} is not allowed")
-    for node in graph.node:
-        if node.domain not in ALLOWED_DOMAINS:
-            raise InvalidModel(f"operator {node.op_type} of domain {node.domain!r} is not allowed")
-    for init in graph.initializer:
-        if init.data_location == TensorProto.EXTERNAL:
-            raise InvalidModel("models with external data references are not allowed: embed the weights")
     initializers = {i.name for i in graph.initializer}
     inputs = [{"name": i.name, "dtype": _dtype(i.type.tensor_type.elem_type), "shape": _shape(i.type.tensor_type)}
               for i in graph.input if i.name not in initializers]

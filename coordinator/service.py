@@ -35,7 +35,7 @@ from .budget import Budget
 from .engine import AuditRequest, Engine
 from .jobs import JobOptions, plan_job
 from .membership import Membership
-from .model_probe import probe_model
+from .model_probe import probe_model, slots_for
 from .models import inspect_model
 from .queries import CoordinatorQueries, JobView, LeaseView, NodeView
 from .quorum import Vote
@@ -211,13 +211,17 @@ class Coordinator:
 
     async def add_model(self, data: bytes) -> tuple[dict[str, Any], bool]:
         """Check, probe and store a model; returns its metadata and whether it was new.
-        Raises `InvalidModel` with a reason the submitter can act on."""
+        Raises `InvalidModel` with a reason the submitter can act on, `ProbeBusy` when every probe
+        slot is taken."""
         digest = sha256_hex(data)
         meta = await self.model_meta(digest)
         if meta is not None:
             return meta, False
-        meta = inspect_model(data)
-        await probe_model(data, memory_bytes=self.settings.model_probe_bytes, seconds=self.settings.model_probe_seconds)
+        meta = inspect_model(data, max_bytes=self.settings.max_model_bytes)
+        # bounded: each probe is a child of 1 GiB + 4x the model; beyond the limit `ProbeBusy` (a 429)
+        with slots_for(self, self.settings.model_probes).take():
+            await probe_model(data, memory_bytes=self.settings.model_probe_bytes,
+                              seconds=self.settings.model_probe_seconds)
         await self.store.put_model(digest, data, meta)
         return meta, True
 

@@ -24,6 +24,7 @@ class CoordinatorSettings:
     # in a child process, before volunteers are asked to load it (coordinator/model_probe.py).
     model_probe_bytes: int = 1024 * 1024 * 1024
     model_probe_seconds: float = 60.0
+    model_probes: int = 2  # probes at once; beyond it an upload gets 429 (no queue that grows)
     sweep_seconds: float = 0.25
     # Accounts and access (coordinator/accounts.py, membership.py).
     registration: str = "open"  # open | invite | closed
