@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.model_probe import probe_model
+from coordinator.model_probe import OUT_OF_MEMORY, TOO_SLOW, probe_model
 from coordinator.models import InvalidModel
 from tests import models
 
@@ -14,10 +14,10 @@ async def test_an_ordinary_model_passes_the_probe() -> None:
 
 
 async def test_a_model_that_allocates_without_bound_on_load_is_refused_with_the_reason() -> None:
-    with pytest.raises(InvalidModel, match="within 512 MiB of memory"):
+    with pytest.raises(InvalidModel, match=OUT_OF_MEMORY):
         await probe_model(models.memory_bomb(), memory_bytes=512 << 20, seconds=60)
 
 
 async def test_a_model_that_takes_too_long_to_load_is_refused() -> None:
-    with pytest.raises(InvalidModel, match="did not load and run"):
+    with pytest.raises(InvalidModel, match=TOO_SLOW):
         await probe_model(models.deep_mlp(), memory_bytes=1 << 30, seconds=0.01)
