@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -77,23 +77,19 @@ def refuse(status: int, message: str, *, retry_after: float | None = None) -> we
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-class Gate:
+class Gate(Protocol):
     """What the middleware needs from the coordinator: kept small so the middleware can be tested
-    against any object that provides it (the Coordinator does)."""
+    against any object that provides it (coordinator/membership.py's Membership does)."""
 
     audience: str
 
-    def resolve(self, public_key: bytes, key_id: str, now: float) -> Principal:  # pragma: no cover
-        raise NotImplementedError
+    def resolve(self, public_key: bytes, key_id: str, now: float) -> Principal: ...
 
-    def fresh_nonce(self, key_id: str, nonce: str, ts: float, now: float) -> bool:  # pragma: no cover
-        raise NotImplementedError
+    def fresh_nonce(self, key_id: str, nonce: str, ts: float, now: float) -> bool: ...
 
-    def request_wait(self, principal: Principal, now: float) -> float:  # pragma: no cover
-        raise NotImplementedError
+    def request_wait(self, principal: Principal, now: float) -> float: ...
 
-    def count(self, reason: str) -> None:  # pragma: no cover
-        raise NotImplementedError
+    def count(self, reason: str) -> None: ...
 
 
 def make_middleware(gate: Callable[[web.Request], Gate]) -> Any:
