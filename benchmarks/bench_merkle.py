@@ -1,0 +1,98 @@
+"""Merkle tree figures of issue 11 ("Speed"): the pure core in memory, no database.
+
+    python benchmarks/bench_merkle.py [--leaves 1000000] [--proofs 20000] [--seed 1]
+
+Builds a log of `--leaves` ledger entries (real `Credit.leaf_bytes()`), then measures:
+- append: leaf hash + `MerkleLog.append` (frontier and subtree cache kept up to date), leaves/s;
+- inclusion proofs at random indices against the full size: generation and verification rates,
+  and their length (the goal at 1,000,000 is at most 20 hashes);
+- consistency proofs from random old sizes to the full size: generation and verification rates
+  and their length;
+- full-log recomputation, what `ledger verify` does from outside: the leaf bytes of every entry
+  rebuilt from the records, hashed and folded into the root (goal: at least 100,000 entries/s);
+  also the hashing alone, from leaf bytes.
+Prints a markdown table. Single-threaded; takes about a minute on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ledger.entries import Credit  # noqa: E402
+from ledger.merkle import MerkleLog, leaf_hash, root_of, verify_consistency, verify_inclusion  # noqa: E402
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--leaves", type=int, default=1_000_000)
+    parser.add_argument("--proofs", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    n, rng = args.leaves, random.Random(args.seed)
+
+    records = [Credit(node=f"node{i % 500:04d}", owner=f"owner{i % 97}", job=f"job{i // 1000}", task=f"task{i}",
+                      amount=800 + i % 100, result_digest=f"{i:064x}", created_at=1_767_225_600.0 + i / 100,
+                      ref=f"lease{i}") for i in range(n)]
+    leaves = [r.leaf_bytes() for r in records]
+    rows: list[tuple[str, str]] = []
+
+    log = MerkleLog()
+    t = timed(lambda: [log.append(leaf_hash(b)) for b in leaves])
+    root = log.root()
+    rows.append((f"append {n:,} leaves (leaf hash + append)", f"{n / t:,.0f} leaves/s"))
+
+    indices = [rng.randrange(n) for _ in range(args.proofs)]
+    proofs: list[list[bytes]] = []
+    t = timed(lambda: proofs.extend(log.inclusion_proof(i) for i in indices))
+    rows.append(("inclusion proof generation", f"{len(indices) / t:,.0f} proofs/s"))
+    hashes = [leaf_hash(leaves[i]) for i in indices]
+    t = timed(lambda: [verify_inclusion(h, i, n, p, root) for h, i, p in zip(hashes, indices, proofs, strict=True)])
+    rows.append(("inclusion proof verification", f"{len(indices) / t:,.0f} proofs/s"))
+    worst = max(len(p) for p in proofs)
+    rows.append((f"inclusion proof size at {n:,}", f"max {worst}, mean {sum(map(len, proofs)) / len(proofs):.1f}"
+                 f" hashes (ceil(log2 n) = {math.ceil(math.log2(n))})"))
+    assert worst <= math.ceil(math.log2(n)), worst
+
+    olds = [rng.randrange(1, n) for _ in range(args.proofs // 4)]
+    cproofs: list[list[bytes]] = []
+    t = timed(lambda: cproofs.extend(log.consistency_proof(m) for m in olds))
+    rows.append(("consistency proof generation (random old size)", f"{len(olds) / t:,.0f} proofs/s"))
+    old_roots = [log.root(m) for m in olds]
+    t = timed(lambda: [verify_consistency(m, n, r, root, p) for m, r, p in zip(olds, old_roots, cproofs, strict=True)])
+    rows.append(("consistency proof verification", f"{len(olds) / t:,.0f} proofs/s"))
+    rows.append((f"consistency proof size to {n:,}", f"max {max(map(len, cproofs))}, "
+                 f"mean {sum(map(len, cproofs)) / len(cproofs):.1f} hashes"))
+    t = timed(lambda: [log.root(m) for m in olds])
+    rows.append(("root at a past size", f"{len(olds) / t:,.0f} roots/s"))
+
+    recomputed: list[bytes] = []
+    t = timed(lambda: recomputed.append(root_of(leaf_hash(r.leaf_bytes()) for r in records)))
+    assert recomputed[0] == root
+    rows.append(("full-log recomputation from records (leaf bytes + hash + root)", f"{n / t:,.0f} entries/s"))
+    t = timed(lambda: recomputed.append(root_of(leaf_hash(b) for b in leaves)))
+    assert recomputed[1] == root
+    rows.append(("full-log recomputation from leaf bytes (hash + root)", f"{n / t:,.0f} entries/s"))
+
+    width = max(len(name) for name, _ in rows)
+    print(f"| {'measure':<{width}} | result |\n|{'-' * (width + 2)}|--------|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
