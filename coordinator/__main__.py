@@ -15,6 +15,7 @@ from aiohttp import web
 from .app import make_app
 from .broker_acl import BrokerAclError, parse_admin
 from .http_api import COORDINATOR
+from .retention import parse_duration
 from .settings import CoordinatorSettings, parse_hostport
 
 
@@ -71,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sandboxed processes running audits at once (default %(default)s)")
     v.add_argument("--model-probes", type=int, default=d.model_probes, metavar="N",
                    help="new models checked in sandboxed processes at once; more uploads get 429 (default %(default)s)")
+    st = p.add_argument_group("storage", "what is kept, for how long, and how large an upload may be")
+    st.add_argument("--retention", type=_duration, default=d.retention_seconds, metavar="DURATION",
+                    help="a finished job's inputs and outputs are deleted this long after it finished: seconds, "
+                         "or 90m, 12h, 7d; 0 keeps them forever (default 7d)")
+    st.add_argument("--retention-sweep-seconds", type=float, default=d.retention_sweep_seconds, metavar="S",
+                    help="how often expired jobs are looked for (default %(default)s)")
+    st.add_argument("--max-output-mb", type=int, default=d.max_output_bytes // 2**20, metavar="MB",
+                    help="most bytes a node may upload for one task when the model's output shapes do not bound "
+                         "it (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -90,7 +100,16 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                untrusted_audit_rate=args.untrusted_audit_rate, adaptive=not args.no_adaptive,
                                block_after=args.block_after, silence_seconds=args.silence_seconds,
                                job_deadline=args.job_deadline, audit_workers=args.audit_workers,
-                               model_probes=args.model_probes)
+                               model_probes=args.model_probes, retention_seconds=args.retention,
+                               retention_sweep_seconds=args.retention_sweep_seconds,
+                               max_output_bytes=args.max_output_mb * 2**20)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _public_key(value: str) -> str:

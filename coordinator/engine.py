@@ -110,6 +110,8 @@ class Engine:
         self._deadlines: list[tuple[float, str]] = []
         self._job_deadlines: list[tuple[float, str]] = []  # (wall-clock deadline, job)
         self._heard: dict[str, float] = {}  # node -> when we last heard from it (monotonic)
+        self._owner_seen: dict[str, float] = {}  # owner -> when a node of it last asked for work (monotonic)
+        self._settle_after = 0.0  # no stuck task is settled before this (`resume`)
         self._next_silence_check = 0.0
         self._unconfirmed: set[str] = set()  # restored leases not yet confirmed by their node
         self._auditing: dict[str, Accepted | None] = {}  # task -> the verdict an audit will decide
@@ -143,6 +145,27 @@ class Engine:
                 self._replan(t, now_wall=now_wall)
         self._maybe_finish(job, now_wall)
 
+    def forget_jobs(self, job_ids: list[str]) -> None:
+        """Drop finished jobs (expired, or deleted by their submitters) and their tasks from memory:
+        the store keeps their rows. A running job is kept. Later reopens of their tasks find nothing."""
+        gone = {j for j in job_ids if (job := self.jobs.get(j)) is not None and job.state is not JobState.RUNNING}
+        for job_id in gone:
+            for task_id in self.jobs.pop(job_id).tasks:
+                if self.tasks.pop(task_id, None) is not None:
+                    self._auditing.pop(task_id, None)
+                    self._ready.pop(task_id, None)
+            self._closing.pop(job_id, None)
+            self._closing_failed.discard(job_id)
+        if gone and any(j in gone for _, j in self._job_deadlines):
+            self._job_deadlines = [d for d in self._job_deadlines if d[1] not in gone]
+            heapq.heapify(self._job_deadlines)
+
+    def resume(self, *, now: float) -> None:
+        """A restarted coordinator knows no node online until each asks again (every 2 s when idle):
+        for `silence_seconds` no owner counts as missing, or the first sweeps would find every task
+        with results short of owners and run them all itself (`_settle_stuck`)."""
+        self._settle_after = now + self.silence_seconds
+
     def restore_lease(self, lease: LeaseRecord, *, now: float = 0.0) -> None:
         """A lease that was live when the previous process stopped: its node may still answer."""
         task = self.tasks.get(lease.task)
@@ -167,6 +190,7 @@ class Engine:
             return {}
         self._reconcile(node, set(held))
         self._waiting[node] = Waiting(owner, slots, seq)
+        self._owner_seen[owner] = now
         return self._fill(now, now_wall, only=node)
 
     def free_slots(self, node: str) -> int:
@@ -197,7 +221,9 @@ class Engine:
         self._waiting.clear()
 
     def on_node_offline(self, node: str, *, now: float, now_wall: float) -> dict[str, list[Assignment]]:
-        self._waiting.pop(node, None)
+        waiting = self._waiting.pop(node, None)
+        if waiting is not None:
+            self._owner_seen[waiting.owner] = now  # it may be back soon (`_settle_stuck`)
         for lease_id in list(self._node_leases.get(node, ())):
             self._close(self.leases[lease_id], "offline")
         return self._fill(now, now_wall)
@@ -218,7 +244,7 @@ class Engine:
         if now >= self._next_silence_check:
             self._next_silence_check = now + 1.0
             changed |= self._take_back_from_silent(now)
-            changed |= self._settle_stuck()
+            changed |= self._settle_stuck(now)
         while self._job_deadlines and self._job_deadlines[0][0] <= now_wall:
             _, job_id = heapq.heappop(self._job_deadlines)
             changed |= self._expire_job(self.jobs[job_id], now_wall)
@@ -243,11 +269,19 @@ class Engine:
             took = True
         return took
 
-    def _settle_stuck(self) -> bool:
+    def _settle_stuck(self, now: float) -> bool:
         """A task that has results but cannot get the further owners it needs (none online that
         has not run it: the others were blocked, or there never were enough) is decided by the
-        coordinator's own run instead of waiting for its deadline."""
+        coordinator's own run instead of waiting for its deadline. An owner counts as online for
+        `silence_seconds` after a node of it last asked (the window after which a node counts as
+        gone), and every owner does for that long after a restart (`resume`): one that reconnects
+        (a restarted node, a broker blip, a restarted coordinator) still gets to confirm the
+        results, and is paid for it, instead of the coordinator deciding each task on one owner."""
+        if now < self._settle_after:
+            return False
         online = {w.owner for w in self._waiting.values()}
+        online |= {o for o, seen in self._owner_seen.items() if now - seen < self.silence_seconds}
+        online -= self.trust.blocked
         settled = False
         for task_id in list(self._ready):
             task = self.tasks[task_id]

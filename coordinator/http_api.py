@@ -21,13 +21,14 @@ from protocol.tensors import decode_tensor_map, digest_tensors
 from .accounts import Account, Refused
 from .broker_acl import BrokerAclError
 from .budget import InsufficientCredit
-from .http_auth import JOB_TOKEN_HEADER, PRINCIPAL, Access, Principal, access, refuse
+from .http_auth import JOB_TOKEN_HEADER, PRINCIPAL, Access, Principal, access, body_limit, refuse
 from .jobs import BadJob, JobOptions
 from .json_inputs import MAX_JSON_BODY_BYTES, parse_json_job
 from .model_probe import ProbeBusy
 from .models import InvalidModel
 from .openapi import OPENAPI_PATH, serve_openapi
 from .queries import JobView, LeaseView
+from .retention import OutputsGone, UploadRefused, gone_message
 from .service import Coordinator, off_loop
 
 COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
@@ -197,6 +198,11 @@ async def post_job(request: web.Request) -> web.Response:
     except InsufficientCredit as exc:
         c.counters["refused_insufficient_credit"] += 1
         return fail(402, str(exc))
+    except InvalidModel as exc:  # its first job's rows could not run in the probe sandbox
+        c.counters["refused_model_probe"] += 1
+        return fail(400, str(exc))
+    except ProbeBusy as exc:
+        return refuse(429, str(exc), retry_after=5)
     return web.json_response({"job": job.spec.id, "rows": job.spec.rows, "tasks": len(job.tasks),
                               "task_size": job.spec.task_size, "replicas": job.spec.replicas,
                               "submitter": account.name, "read_token": read_token}, status=202)
@@ -219,6 +225,17 @@ def _may_read(request: web.Request, job: JobView) -> web.Response | None:
     return fail(403, "only the job's submitter, an operator or a holder of its read token may read it")
 
 
+async def _gone(request: web.Request, job_id: str) -> web.Response:
+    """A job not held in memory: 410 to whoever may read it if it expired (or was deleted), else 404."""
+    expiry = await request.app[COORDINATOR].expired_job(job_id)
+    if expiry is None:
+        return fail(404, "unknown job")
+    spec = expiry.job.spec
+    denied = _may_read(request, JobView(id=job_id, state=expiry.job.state, error=expiry.job.error, status={},
+                                        submitter=spec.submitter, read_token_sha256=spec.read_token_sha256))
+    return denied if denied is not None else fail(410, gone_message(job_id, expiry.reason))
+
+
 @access(Access.JOB)
 async def get_job(request: web.Request) -> web.Response:
     """`?wait=S` long-polls: answers as soon as the job is finished and committed (at most S s)."""
@@ -226,7 +243,7 @@ async def get_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job"]
     job = c.job(job_id)
     if job is None:
-        return fail(404, "unknown job")
+        return await _gone(request, job_id)
     denied = _may_read(request, job)
     if denied is not None:
         return denied
@@ -239,7 +256,8 @@ async def get_job(request: web.Request) -> web.Response:
     elif not job.running:
         await c.flush()  # a finished state is reported only once it is committed, so it survives a crash
     job = c.job(job_id)
-    assert job is not None  # jobs are never forgotten while the process runs
+    if job is None:  # expired, or deleted, while we waited
+        return await _gone(request, job_id)
     return web.json_response(dict(job.status))
 
 
@@ -248,7 +266,7 @@ async def get_outputs(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     job = c.job(request.match_info["job"])
     if job is None:
-        return fail(404, "unknown job")
+        return await _gone(request, request.match_info["job"])
     denied = _may_read(request, job)
     if denied is not None:
         return denied
@@ -256,12 +274,45 @@ async def get_outputs(request: web.Request) -> web.Response:
         return fail(409, "job is still running: poll GET /v1/jobs/{job} until state is done")
     if job.state == "failed":
         return fail(422, f"job failed: {job.error}")
-    arrays = await c.job_outputs(job.id)
+    try:
+        arrays = await c.job_outputs(job.id)
+    except OutputsGone as exc:
+        return fail(410, str(exc))
     if "application/json" in request.headers.get("Accept", ""):
         return web.json_response({n: {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tolist()}
                                   for n, a in arrays.items()})
     return web.Response(body=await off_loop(sum(a.nbytes for a in arrays.values()), to_npz, arrays),
                         content_type=NPZ)
+
+
+@access(Access.ACCOUNT)
+async def delete_job(request: web.Request) -> web.Response:
+    """The submitter deletes a finished job's inputs, outputs and leases now (as its expiry would).
+    Its status, task and ledger rows stay. Anyone else's job, or an unknown one, is a 404: a
+    stranger learns nothing of which jobs exist. A read token does not allow it."""
+    c = request.app[COORDINATOR]
+    account = caller_account(request)
+    job_id = request.match_info["job"]
+    job = c.job(job_id)
+    if job is None:
+        expiry = await c.expired_job(job_id)
+        if expiry is None or expiry.job.spec.submitter != account.name:
+            return fail(404, "unknown job")
+        return web.json_response({"job": job_id, "deleted_at": expiry.at, "reason": expiry.reason})  # again: done
+    if job.submitter != account.name:
+        c.counters["refused_delete_not_submitter"] += 1
+        return fail(404, "unknown job")
+    if job.running:
+        return fail(409, "job is still running: cancel is not available yet; wait for it to finish "
+                         "(GET /v1/jobs/{job}?wait=60), then delete it")
+    try:
+        await c.delete_job(job_id)
+    except ValueError:  # reopened meanwhile (an audit caught a cheat): running again
+        return fail(409, "job is running again: wait for it to finish, then delete it")
+    expiry = await c.expired_job(job_id)
+    if expiry is None:
+        return fail(409, "job is running again: wait for it to finish, then delete it")
+    return web.json_response({"job": job_id, "deleted_at": expiry.at, "reason": expiry.reason})
 
 
 def _live_lease(c: Coordinator, request: web.Request) -> LeaseView:
@@ -289,20 +340,32 @@ async def get_blob(request: web.Request) -> web.Response:
     return web.Response(body=data, content_type="application/msgpack")
 
 
+async def _upload_limit(request: web.Request) -> tuple[int, str]:
+    return await request.app[COORDINATOR].output_limit(request.query.get("lease", ""))
+
+
+@body_limit(_upload_limit)  # checked before the body is read: only what the lease's task can output
 @access(Access.NODE)
 async def put_blob(request: web.Request) -> web.Response:
+    """Attack: a node with a live lease stores anything of any size (or many things) under it.
+    Refused: the body is bounded by the lease's outputs before it is read (413), must decode to the
+    model's numeric outputs with the task's rows (400), and a lease holds one upload (409)."""
     c = request.app[COORDINATOR]
     lease = _live_lease(c, request)
     digest = request.match_info["digest"]
     data = await request.read()
     try:
-        tensors = decode_tensor_map(data)
+        tensors = await off_loop(len(data), decode_tensor_map, data)
     except PeerError as exc:
         return fail(400, f"blob is not a msgpack tensor map: {exc}")
-    if digest_tensors(tensors) != digest:
+    if await off_loop(len(data), digest_tensors, tensors) != digest:
         return fail(400, "blob does not match its digest")
-    await c.put_output_blob(lease.id, digest, data)
-    return web.json_response({"blob": digest, "size": len(data)}, status=201)
+    try:
+        created = await c.put_output_blob(lease, digest, data, tensors)
+    except UploadRefused as exc:
+        c.counters["refused_upload"] += 1
+        return fail(exc.status, str(exc))
+    return web.json_response({"blob": digest, "size": len(data)}, status=201 if created else 200)
 
 
 def _paging(request: web.Request) -> tuple[int, int]:
@@ -488,6 +551,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models/{digest}", get_model, allow_head=False)
     app.router.add_post("/v1/jobs", post_job)
     app.router.add_get("/v1/jobs/{job}", get_job)
+    app.router.add_delete("/v1/jobs/{job}", delete_job)
     app.router.add_get("/v1/jobs/{job}/outputs", get_outputs)
     app.router.add_get("/v1/blobs/{digest}", get_blob)
     app.router.add_put("/v1/blobs/{digest}", put_blob)

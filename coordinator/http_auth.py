@@ -30,6 +30,8 @@ from .accounts import Account, NodeRecord
 from .ratelimit import retry_after_header
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# (most bytes, why) a request's body may have, decided from its line and headers alone
+BodyLimit = Callable[[web.Request], Awaitable[tuple[int, str]]]
 H = TypeVar("H", bound=Handler)
 JOB_TOKEN_HEADER: Final = "X-Sparecycles-Job-Token"
 OFF_LOOP_BYTES: Final = 1 << 20
@@ -62,6 +64,17 @@ PRINCIPAL: Final = web.RequestKey("principal", Principal)  # absent: the request
 def access(level: Access) -> Callable[[H], H]:
     def mark(handler: H) -> H:
         handler.sc_access = level  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def body_limit(limit: BodyLimit) -> Callable[[H], H]:
+    """A handler whose body is bounded per request (a blob upload by its lease's outputs): the
+    middleware refuses a larger Content-Length with 413 before reading, and stops reading a body
+    that grows past the limit (chunked, or compressed) at the limit."""
+    def mark(handler: H) -> H:
+        handler.sc_body_limit = limit  # type: ignore[attr-defined]
         return handler
 
     return mark
@@ -103,7 +116,20 @@ def make_middleware(gate: Callable[[web.Request], Gate]) -> Any:
         if header is None and level is Access.JOB:
             return await handler(request)  # the job's read token may stand in; the handler decides
         arrived = time.time()
-        body = await request.read()  # kept by aiohttp: the handler reads the same bytes again
+        limit_of: BodyLimit | None = getattr(getattr(request.match_info, "handler", None), "sc_body_limit", None)
+        if limit_of is not None:
+            limit, why = await limit_of(request)
+            if request.content_length is not None and request.content_length > limit:
+                g.count("body_over_limit")
+                return refuse(413, f"body of {request.content_length} bytes refused: {why}")
+            request = request.clone(client_max_size=max(1, limit))  # aiohttp reads no further than this
+        try:
+            body = await request.read()  # kept by aiohttp: the handler reads the same bytes again
+        except web.HTTPRequestEntityTooLarge:
+            if limit_of is None:
+                raise
+            g.count("body_over_limit")
+            return refuse(413, f"body refused past {limit} bytes: {why}")
         if len(body) >= OFF_LOOP_BYTES:
             import asyncio
 

@@ -178,6 +178,12 @@ class Membership:
         if usage is not None and usage.open_jobs > 0:
             usage.open_jobs -= 1
 
+    def job_expired(self, account: str, input_bytes: int) -> None:
+        """A finished job's inputs were deleted (retention or its submitter): they count no more."""
+        usage = self.usage.get(account)
+        if usage is not None:
+            usage.stored_bytes = max(0, usage.stored_bytes - input_bytes)
+
     def model_stored(self, account: str, size: int) -> None:
         self.usage.setdefault(account, Usage()).stored_bytes += size
 

@@ -28,7 +28,7 @@ from .records import (
 )
 from .restore import JobRow, LeaseRow, ResultRow, StoredRows, TaskRow
 from .scheduler import TaskState
-from .store import CoordinatorStore, StoreError, keyed, reused_keys
+from .store import CoordinatorStore, Expiry, Freed, StoreError, keyed, reused_keys
 
 
 class MemoryStore(CoordinatorStore):
@@ -50,6 +50,12 @@ class MemoryStore(CoordinatorStore):
         self.nodes: dict[str, NodeRecord] = {}
         self.invites: dict[str, Invite] = {}
         self.trust: dict[tuple[str, str], dict[str, Any]] = {}
+        self.refs: dict[str, set[str]] = {}  # blob digest -> jobs that reference it (not expired)
+        self.uploads: dict[str, tuple[str, str]] = {}  # lease -> (job, digest) of its one upload
+        self.expired: dict[str, tuple[float, str]] = {}  # job -> (when, why)
+
+    def _ref(self, digest: str, job: str) -> None:
+        self.refs.setdefault(digest, set()).add(job)
 
     async def put_model(self, digest: str, data: bytes, meta: dict[str, Any]) -> bool:
         if digest in self.models:
@@ -71,9 +77,19 @@ class MemoryStore(CoordinatorStore):
     async def get_blob(self, digest: str) -> bytes | None:
         return self.blobs.get(digest)
 
+    async def put_upload(self, lease: str, job: str, digest: str, data: bytes) -> str:
+        earlier = self.uploads.get(lease)
+        if earlier is not None:
+            return earlier[1]
+        self.uploads[lease] = (job, digest)
+        self.blobs.setdefault(digest, data)
+        self._ref(digest, job)
+        return digest
+
     async def create_job(self, job: JobRecord, tasks: Sequence[TaskRecord], blobs: dict[str, bytes]) -> None:
         for d, b in blobs.items():
             self.blobs.setdefault(d, b)
+            self._ref(d, job.spec.id)
         self.jobs[job.spec.id] = JobRow(spec=job.spec, state=str(job.state), error=None, finished_at=None)
         self.job_tasks[job.spec.id] = [t.id for t in tasks]
         for t in tasks:
@@ -98,6 +114,8 @@ class MemoryStore(CoordinatorStore):
                                                             owner=op.owner, output_digest=op.output_digest,
                                                             problem=op.problem))
             elif isinstance(op, TaskDecided):
+                if op.canonical_digest is not None and op.task in self.tasks:
+                    self._ref(op.canonical_digest, self.tasks[op.task].job)  # even if the verdict is a replay
                 await self._decide(keyed(op))
             elif isinstance(op, TaskReopened):
                 await self._reopen(op)
@@ -147,9 +165,45 @@ class MemoryStore(CoordinatorStore):
     async def load_rows(self) -> StoredRows:
         # A reopened task's leases and results from before the reopen are history: it restores as
         # an ordinary open task, with no tries, votes or exclusions from its earlier verdict.
-        return StoredRows(jobs=list(self.jobs.values()), tasks=list(self.tasks.values()),
+        return StoredRows(jobs=[j for j in self.jobs.values() if j.spec.id not in self.expired],
+                          tasks=[t for t in self.tasks.values() if t.job not in self.expired],
                           leases=[r for r in self.leases.values() if r.id not in self._superseded],
                           results=[r for r in self.results.values() if r.lease not in self._superseded])
+
+    async def finished_before(self, cutoff: float, limit: int) -> list[str]:
+        done = [j for j in self.jobs.values() if j.state != "running" and j.finished_at is not None
+                and j.finished_at <= cutoff and j.spec.id not in self.expired]
+        return [j.spec.id for j in sorted(done, key=lambda j: j.finished_at or 0.0)[:limit]]
+
+    async def expire_jobs(self, jobs: Sequence[str], *, at: float, reason: str) -> Freed:
+        going = {j for j in jobs if j in self.jobs and self.jobs[j].state != "running" and j not in self.expired}
+        if not going:
+            return Freed()
+        for j in going:
+            self.expired[j] = (at, reason)
+        leases = [lid for lid, row in self.leases.items() if row.job in going]
+        for lid in leases:
+            del self.leases[lid]
+        for lid in [lid for lid, (job, _) in self.uploads.items() if job in going]:
+            del self.uploads[lid]
+        blobs = size = 0
+        for digest in [d for d, holders in self.refs.items() if holders & going]:
+            holders = self.refs[digest] - going
+            if holders:
+                self.refs[digest] = holders
+                continue
+            del self.refs[digest]
+            data = self.blobs.pop(digest, None)
+            if data is not None:
+                blobs, size = blobs + 1, size + len(data)
+        return Freed(jobs=len(going), blobs=blobs, bytes=size, leases=len(leases))
+
+    async def expiry(self, job: str) -> Expiry | None:
+        when = self.expired.get(job)
+        return None if when is None else Expiry(job=self.jobs[job], at=when[0], reason=when[1])
+
+    async def compact(self) -> None:
+        return None  # memory is given back as the objects go
 
     async def canonical_digests(self, job: str) -> list[str | None]:
         return [self.canonical[t] for t in self.job_tasks[job]]

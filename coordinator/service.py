@@ -35,14 +35,24 @@ from .budget import Budget
 from .engine import AuditRequest, Engine
 from .jobs import JobOptions, plan_job
 from .membership import Membership
-from .model_probe import probe_model, slots_for
-from .models import inspect_model
+from .model_probe import Prober
+from .models import InvalidModel, inspect_model
 from .queries import CoordinatorQueries, JobView, LeaseView, NodeView
 from .quorum import Vote
-from .records import JobFinished, JobRecord, TaskDecided, TaskReopened
+from .records import JobFinished, JobRecord, TaskDecided, TaskRecord, TaskReopened
+from .retention import (
+    DELETED,
+    OutputsGone,
+    UploadRefused,
+    check_upload,
+    expired_after,
+    expiry_cutoff,
+    gone_message,
+    upload_limit,
+)
 from .scheduler import JobState
 from .settings import CoordinatorSettings
-from .store import CoordinatorStore
+from .store import CoordinatorStore, Expiry, Freed
 from .store_factory import open_store
 from .trust import TrustBook, TrustPolicy
 
@@ -53,6 +63,7 @@ T = TypeVar("T")
 OFF_LOOP_BYTES = 1 << 20
 MAX_PENDING_UPLOADS = 100_000
 REQUEST_MAX_AGE = 300.0  # seconds: a work request older than this (by its seq) is a replay
+EXPIRE_BATCH = 500  # jobs expired per store transaction: the SQLite thread also serves results
 
 
 async def off_loop(size: int, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -81,6 +92,9 @@ class Coordinator:
                              rng=random.Random(), silence_seconds=settings.silence_seconds,
                              job_deadline=settings.job_deadline)
         self.auditor = Auditor(workers=settings.audit_workers)
+        self.prober = Prober(limit=settings.model_probes, memory_bytes=settings.model_probe_bytes,
+                             seconds=settings.model_probe_seconds)
+        self._proven: set[tuple[str, int]] = set()  # (model, opt level) run on a job's real rows
         self._audit_tasks: set[asyncio.Task[None]] = set()
         self._uploads: dict[str, str] = {}  # lease -> the output digest its node uploaded under it
         self._trust_saved_at = 0.0
@@ -115,13 +129,15 @@ class Coordinator:
         await self._restore()
         self._tasks = [asyncio.create_task(self._mqtt_loop(), name="mqtt"),
                        asyncio.create_task(self._persist_loop(), name="persist"),
-                       asyncio.create_task(self._sweep_loop(), name="sweep")]
+                       asyncio.create_task(self._sweep_loop(), name="sweep"),
+                       asyncio.create_task(self._retention_loop(), name="retention")]
 
     async def stop(self) -> None:
         for t in [*self._tasks, *self._audit_tasks]:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._audit_tasks, return_exceptions=True)
         await self.auditor.close()
+        await self.prober.close()
         await self.store.save_trust(self.engine.trust.take_changed())
         await self._flush_now()
         await self.store.close()
@@ -161,6 +177,8 @@ class Coordinator:
         for lease in snap.live_leases:
             self.engine.restore_lease(replace(lease, deadline=now + max(0.0, lease.expires_at - wall)), now=now)
         resumed = sum(1 for j in snap.jobs if j.state == "running")
+        if resumed:
+            self.engine.resume(now=now)  # nodes are not back yet: none is missing for a while
         if snap.jobs:
             log.info("restored jobs=%d running=%d open_tasks=%d live_leases=%d votes=%d", len(snap.jobs),
                      resumed, len(snap.tasks), len(snap.live_leases), len(snap.votes))
@@ -218,10 +236,7 @@ class Coordinator:
         if meta is not None:
             return meta, False
         meta = inspect_model(data, max_bytes=self.settings.max_model_bytes)
-        # bounded: each probe is a child of 1 GiB + 4x the model; beyond the limit `ProbeBusy` (a 429)
-        with slots_for(self, self.settings.model_probes).take():
-            await probe_model(data, memory_bytes=self.settings.model_probe_bytes,
-                              seconds=self.settings.model_probe_seconds)
+        await self.prober.check(data)  # loads it, sandboxed; beyond --model-probes `ProbeBusy` (a 429)
         await self.store.put_model(digest, data, meta)
         return meta, True
 
@@ -232,14 +247,42 @@ class Coordinator:
     async def blob(self, digest: str) -> bytes | None:
         return await self.store.get_blob(digest)
 
-    async def put_output_blob(self, lease: str, digest: str, data: bytes) -> None:
+    async def output_limit(self, lease_id: str) -> tuple[int, str]:
+        """The most bytes an upload under `lease_id` may have, and why, decided before its body is
+        read: the encoded size of its task's rows of the model's output shapes (or --max-output-mb
+        when a non-batch axis is symbolic). 0 without a live lease."""
+        lease = self.engine.leases.get(lease_id)
+        if lease is None:
+            return 0, "PUT /v1/blobs takes a node's outputs only under a live lease of it (?lease=...)"
+        rows = self.engine.tasks[lease.task].rows
+        meta = await self.model_meta(self.engine.jobs[lease.job].spec.model)
+        limit = upload_limit(meta["outputs"] if meta else [], rows, fallback=self.settings.max_output_bytes,
+                             ceiling=self.settings.max_body_bytes)
+        return limit, f"the outputs of this lease's task ({rows} rows) take at most {limit} bytes"
+
+    async def put_output_blob(self, lease: LeaseView, digest: str, data: bytes,
+                              tensors: Mapping[str, Tensor]) -> bool:
         """A node's outputs, too large to go inline, uploaded under its own live lease (checked by
         the caller, as is the digest). Only this upload can back that lease's result: a node that
-        names the digest of another node's upload without uploading has copied, and counts nothing."""
-        await self.store.put_blob(digest, data)
-        self._uploads[lease] = digest
+        names the digest of another node's upload without uploading has copied, and counts nothing.
+        Raises `UploadRefused` for outputs the task cannot produce (names, dtypes, shapes of the
+        model's numeric outputs, the task's rows) and for a second, different upload under the
+        lease: each lease stores one. True if stored now, False if the same upload came before."""
+        task, job = self.engine.tasks.get(lease.task), self.engine.jobs.get(lease.job)
+        if task is None or job is None:
+            raise UploadRefused(409, "the lease's job is no longer running")
+        meta = await self.model_meta(job.spec.model)
+        problem = check_upload(tensors, meta["outputs"] if meta else [], task.rows)
+        if problem is not None:
+            raise UploadRefused(400, problem)
+        held = await self.store.put_upload(lease.id, lease.job, digest, data)
+        if held != digest:
+            raise UploadRefused(409, f"this lease already holds an upload ({held[:12]}...): one per lease")
+        new = self._uploads.get(lease.id) != digest
+        self._uploads[lease.id] = digest
         while len(self._uploads) > MAX_PENDING_UPLOADS:  # uploads whose result never came
             del self._uploads[next(iter(self._uploads))]
+        return new
 
     async def put_blob(self, digest: str, data: bytes) -> None:
         """Store a blob whose digest the caller has checked against its content."""
@@ -293,6 +336,7 @@ class Coordinator:
         size = sum(a.nbytes for a in inputs.values())
         job, tasks, blobs = await off_loop(size, plan_job, meta, inputs, options, now_wall=time.time(),
                                            max_inline_bytes=self.settings.max_inline_bytes)
+        await self._prove_model(job, tasks[0], blobs)
         submitter = job.spec.submitter
         if submitter:
             self.membership.check_job_quota(submitter, job.spec.input_bytes)
@@ -317,6 +361,19 @@ class Coordinator:
         self._mark_dirty()
         return job
 
+    async def _prove_model(self, job: JobRecord, first: TaskRecord, blobs: Mapping[str, bytes]) -> None:
+        """The first job of a model runs its first task's rows in the probe sandbox before it is
+        accepted: `InvalidModel` (a 400 with a short reason) if they cannot run, `ProbeBusy`."""
+        key = (job.spec.model, job.spec.opt_level)
+        if key in self._proven:
+            return
+        data = await self.store.get_model(job.spec.model)
+        if data is None:
+            raise InvalidModel(f"model {job.spec.model} is not stored: upload it again")
+        rows = first.inputs if first.inputs is not None else decode_tensor_map(blobs[first.input_digest])
+        await self.prober.check(data, rows=rows, opt_level=job.spec.opt_level)
+        self._proven.add(key)
+
     async def wait_finished(self, job_id: str, seconds: float) -> None:
         """Return once the job's final state is committed, or after `seconds`."""
         job = self.engine.jobs[job_id]
@@ -336,6 +393,9 @@ class Coordinator:
         for d in digests:
             blob = None if d is None else await self.store.get_blob(d)
             if blob is None:
+                expiry = await self.store.expiry(job_id)  # expired or deleted while we read
+                if expiry is not None:
+                    raise OutputsGone(gone_message(job_id, expiry.reason))
                 raise RuntimeError(f"job {job_id} has a task without stored outputs")
             parts.append(blob)
 
@@ -343,6 +403,62 @@ class Coordinator:
             return {n: t.to_array() for n, t in concat_rows([decode_tensor_map(b) for b in parts]).items()}
 
         return await off_loop(sum(len(b) for b in parts), assemble)
+
+    # ---- retention (coordinator/retention.py) -------------------------------------------------
+    async def expired_job(self, job_id: str) -> Expiry | None:
+        """A job whose inputs and outputs are gone (expired or deleted), or None."""
+        return await self.store.expiry(job_id)
+
+    async def delete_job(self, job_id: str) -> Freed:
+        """Delete a finished job's inputs, outputs and leases now, as its expiry would; the caller
+        has checked that its submitter asks. ValueError for a job not finished here (running, unknown)."""
+        await self.flush()  # its finish is committed: the store expires finished jobs only
+        job = self.engine.jobs.get(job_id)
+        if job is None or job.state is JobState.RUNNING:
+            raise ValueError(f"job {job_id} is not a finished job held here")
+        return await self._expire([job_id], at=time.time(), reason=DELETED)
+
+    async def expire_finished(self, *, now_wall: float) -> Freed:
+        """Expire every job that finished more than --retention seconds before `now_wall`."""
+        cutoff = expiry_cutoff(now_wall, self.settings.retention_seconds)
+        total = Freed()
+        if cutoff is None:
+            return total
+        await self.flush()  # finishes reported so far are in the store
+        reason = expired_after(self.settings.retention_seconds)
+        while True:
+            found = await self.store.finished_before(cutoff, EXPIRE_BATCH)
+            # reopened meanwhile (an audit caught a cheat): running again, it stays
+            ids = [j for j in found if (job := self.engine.jobs.get(j)) is None or job.state is not JobState.RUNNING]
+            if ids:
+                total += await self._expire(ids, at=now_wall, reason=reason)
+            if len(ids) < EXPIRE_BATCH:
+                break
+        if total.jobs:
+            await self.store.compact()
+            self.counters["jobs_expired"] += total.jobs
+            log.info("retention expired jobs=%d blobs=%d bytes=%d leases=%d", total.jobs, total.blobs,
+                     total.bytes, total.leases)
+        return total
+
+    async def _expire(self, ids: list[str], *, at: float, reason: str) -> Freed:
+        # Out of memory first, with no await before: a reopen arriving while the store works finds
+        # nothing to rerun on inputs about to go.
+        for job_id in ids:
+            job = self.engine.jobs.get(job_id)
+            if job is not None and job.spec.submitter:
+                self.membership.job_expired(job.spec.submitter, job.spec.input_bytes)
+            self._finished.pop(job_id, None)
+        self.engine.forget_jobs(ids)
+        return await self.store.expire_jobs(ids, at=at, reason=reason)
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.retention_sweep_seconds)
+            try:
+                await self.expire_finished(now_wall=time.time())
+            except Exception:
+                log.exception("retention sweep failed; retrying at the next sweep")
 
     # ---- persistence --------------------------------------------------------------------------
     def _mark_dirty(self) -> None:

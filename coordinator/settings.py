@@ -26,6 +26,12 @@ class CoordinatorSettings:
     model_probe_seconds: float = 60.0
     model_probes: int = 2  # probes at once; beyond it an upload gets 429 (no queue that grows)
     sweep_seconds: float = 0.25
+    # Storage (coordinator/retention.py): a finished job's inputs, outputs and leases are deleted
+    # this long after it finished (0: kept forever); its job, task, result and ledger rows stay.
+    retention_seconds: float = 7 * 86400.0
+    retention_sweep_seconds: float = 60.0  # how often expired jobs are looked for
+    # An upload's limit when the model's output shapes do not give one (a symbolic non-batch axis).
+    max_output_bytes: int = 64 * 1024 * 1024
     # Accounts and access (coordinator/accounts.py, membership.py).
     registration: str = "open"  # open | invite | closed
     starting_grant: int | None = None  # credit for each new account; default: 10**12 if open, else 0
@@ -52,6 +58,10 @@ class CoordinatorSettings:
             raise ValueError(f"--registration must be open, invite or closed, not {self.registration!r}")
         if self.replicas < 1 or (self.min_replicas is not None and self.min_replicas < 1):
             raise ValueError("replicas must be at least 1")
+        if self.retention_seconds < 0:
+            raise ValueError("--retention must be 0 (keep forever) or a positive duration")
+        if self.retention_sweep_seconds <= 0 or self.max_output_bytes <= 0:
+            raise ValueError("--retention-sweep-seconds and --max-output-mb must be positive")
 
     @property
     def lowest_replicas(self) -> int:

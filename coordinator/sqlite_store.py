@@ -31,7 +31,7 @@ from .records import (
     TaskReopened,
 )
 from .restore import JobRow, LeaseRow, ResultRow, StoredRows, TaskRow
-from .store import CoordinatorStore, StoreError, keyed, reused_keys, spec_from_json, spec_to_json
+from .store import CoordinatorStore, Expiry, Freed, StoreError, keyed, reused_keys, spec_from_json, spec_to_json
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS models (digest TEXT PRIMARY KEY, data BLOB NOT NULL, 
 CREATE TABLE IF NOT EXISTS blobs (digest TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, error TEXT,
-    created_at REAL NOT NULL, finished_at REAL);
+    created_at REAL NOT NULL, finished_at REAL, expired_at REAL, expiry TEXT);
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, job TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL,
     start INTEGER NOT NULL, stop INTEGER NOT NULL, input_digest TEXT NOT NULL, input_bytes INTEGER NOT NULL,
@@ -65,7 +65,26 @@ CREATE TABLE IF NOT EXISTS invites (token_sha256 TEXT PRIMARY KEY, created_at RE
 CREATE TABLE IF NOT EXISTS trust (kind TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
     PRIMARY KEY (kind, name));
 CREATE TABLE IF NOT EXISTS superseded_leases (lease TEXT PRIMARY KEY, task TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS uploads (lease TEXT PRIMARY KEY, job TEXT NOT NULL, digest TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS uploads_job ON uploads(job);
 """
+# Which jobs reference which blobs (inputs, accepted outputs, uploads), for the jobs not expired:
+# a blob goes when its last row here does. A table kept as small as the retained jobs, rather than
+# indexes on the digest columns of tasks and results, which would grow with every job ever run.
+# One b-tree, by digest: a verdict adds a row, and an expiring job's rows are found from its tasks
+# and uploads, so an index by job would only slow every verdict down.
+REFS_SCHEMA = """
+CREATE TABLE blob_refs (digest TEXT NOT NULL, job TEXT NOT NULL, PRIMARY KEY (digest, job)) WITHOUT ROWID;
+INSERT OR IGNORE INTO blob_refs SELECT input_digest, job FROM tasks;
+INSERT OR IGNORE INTO blob_refs SELECT canonical_digest, job FROM tasks WHERE canonical_digest IS NOT NULL;
+INSERT OR IGNORE INTO blob_refs SELECT r.output_digest, t.job FROM results r JOIN tasks t ON t.id = r.task
+    WHERE r.output_digest IN (SELECT digest FROM blobs);
+"""
+# Finished jobs not expired yet, by when they finished: what each retention sweep looks at,
+# without reading the jobs that expired before.
+EXPIRY_INDEX = ("CREATE INDEX IF NOT EXISTS jobs_to_expire ON jobs(finished_at) "
+                "WHERE expired_at IS NULL AND finished_at IS NOT NULL")
+EXPIRE_CHUNK = 500  # SQLite caps bound parameters; expire_jobs takes any number
 # superseded_leases: the leases (and so the results) of a task from before it was reopened. They
 # stay as history but are not loaded on restart, so a reopened task restores as an ordinary open
 # task rather than with the votes of the verdict that was undone. A table of its own rather than a
@@ -82,12 +101,17 @@ class SQLiteStore(CoordinatorStore):
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # A new database gives pages freed by expiries back to the file (`compact`); this can only
+        # be chosen before its first table. An older one reuses freed pages for new rows instead.
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a power cut may lose the last batches but never corrupts; a killed
         # process loses nothing that was committed.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
+        _migrate(conn)
         ledger_sql.create_schema(conn)
         self._conn = conn
 
@@ -132,13 +156,26 @@ class SQLiteStore(CoordinatorStore):
         row = await self._run(lambda c: c.execute("SELECT data FROM blobs WHERE digest=?", (digest,)).fetchone())
         return None if row is None else bytes(row[0])
 
+    async def put_upload(self, lease: str, job: str, digest: str, data: bytes) -> str:
+        def run(c: sqlite3.Connection) -> str:
+            earlier = c.execute("SELECT digest FROM uploads WHERE lease=?", (lease,)).fetchone()
+            if earlier is not None:
+                return str(earlier[0])
+            c.execute("INSERT INTO uploads VALUES (?, ?, ?)", (lease, job, digest))
+            c.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?)", (digest, data))
+            c.execute("INSERT OR IGNORE INTO blob_refs VALUES (?, ?)", (digest, job))
+            return digest
+
+        return await self._tx(run)
+
     # ---- jobs and engine ops ----------------------------------------------------------------
     async def create_job(self, job: JobRecord, tasks: Sequence[TaskRecord], blobs: dict[str, bytes]) -> None:
         s = job.spec
 
         def run(c: sqlite3.Connection) -> None:
             c.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?)", blobs.items())
-            c.execute("INSERT INTO jobs VALUES (?, ?, ?, NULL, ?, NULL)",
+            c.executemany("INSERT OR IGNORE INTO blob_refs VALUES (?, ?)", [(d, s.id) for d in blobs])
+            c.execute("INSERT INTO jobs (id, spec, state, error, created_at) VALUES (?, ?, ?, NULL, ?)",
                       (s.id, spec_to_json(s), str(job.state), s.created_at))
             c.executemany(
                 "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
@@ -153,6 +190,44 @@ class SQLiteStore(CoordinatorStore):
 
     async def load_rows(self) -> StoredRows:
         return await self._run(_load_rows)
+
+    async def finished_before(self, cutoff: float, limit: int) -> list[str]:
+        rows = await self._run(lambda c: c.execute(
+            "SELECT id FROM jobs WHERE expired_at IS NULL AND finished_at IS NOT NULL AND finished_at <= ? "
+            "AND state != 'running' ORDER BY finished_at LIMIT ?", (cutoff, limit)).fetchall())
+        return [str(r[0]) for r in rows]
+
+    async def expire_jobs(self, jobs: Sequence[str], *, at: float, reason: str) -> Freed:
+        freed = Freed()
+        ids = list(dict.fromkeys(jobs))
+        for i in range(0, len(ids), EXPIRE_CHUNK):
+            chunk = ids[i:i + EXPIRE_CHUNK]
+
+            def run(c: sqlite3.Connection, chunk: list[str] = chunk) -> Freed:
+                return _expire(c, chunk, at, reason)
+
+            freed += await self._tx(run)
+        return freed
+
+    async def expiry(self, job: str) -> Expiry | None:
+        row = await self._run(lambda c: c.execute(
+            "SELECT spec, state, error, finished_at, expired_at, expiry FROM jobs "
+            "WHERE id=? AND expired_at IS NOT NULL", (job,)).fetchone())
+        if row is None:
+            return None
+        spec, state, error, finished_at, expired_at, reason = row
+        return Expiry(job=JobRow(spec=spec_from_json(spec), state=state, error=error, finished_at=finished_at),
+                      at=float(expired_at), reason=str(reason))
+
+    async def compact(self) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            if c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
+                # executescript steps the pragma to its end; `execute` frees a single page
+                c.executescript("PRAGMA incremental_vacuum;")
+            # The file shrinks when the WAL is written back; a passive checkpoint waits for nobody.
+            c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+        await self._run(run)
 
     async def canonical_digests(self, job: str) -> list[str | None]:
         rows = await self._run(lambda c: c.execute(
@@ -331,6 +406,9 @@ def _apply_grouped(c: sqlite3.Connection, ops: Sequence[Op]) -> None:
     c.executemany("INSERT OR IGNORE INTO results (lease, task, node, owner, output_digest, problem, received_at) "
                   "VALUES (?, ?, ?, ?, ?, ?, ?)", recorded)
     c.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?)", blobs)
+    # Every verdict's accepted outputs are its job's, a replayed one's too: its blob was just written.
+    c.executemany("INSERT OR IGNORE INTO blob_refs SELECT ?, job FROM tasks WHERE id=?",
+                  [(d.canonical_digest, d.task) for d in decided if d.canonical_digest is not None])
     if decided:
         # A task is decided once: a verdict for a task no longer open (a repeated batch) is
         # dropped whole, and the ledger's keys (credit per (task, node, lease), charge per verdict)
@@ -353,9 +431,10 @@ _CURRENT = "NOT IN (SELECT lease FROM superseded_leases)"
 def _load_rows(c: sqlite3.Connection) -> StoredRows:
     jobs = [JobRow(spec=spec_from_json(spec), state=state, error=error, finished_at=finished_at)
             for spec, state, error, finished_at in c.execute(
-                "SELECT spec, state, error, finished_at FROM jobs ORDER BY created_at, rowid")]
+                "SELECT spec, state, error, finished_at FROM jobs WHERE expired_at IS NULL ORDER BY created_at, rowid")]
     tasks = [TaskRow(*row) for row in c.execute(
-        "SELECT id, job, idx, start, stop, input_digest, input_bytes, state, error FROM tasks")]
+        "SELECT id, job, idx, start, stop, input_digest, input_bytes, state, error FROM tasks "
+        "WHERE job IN (SELECT id FROM jobs WHERE expired_at IS NULL)")]
     leases = [LeaseRow(*row) for row in c.execute(
         "SELECT id, task, job, node, owner, issued_at, expires_at, state FROM leases "
         f"WHERE task IN ({_OPEN_TASKS}) AND id {_CURRENT}")]
@@ -363,3 +442,49 @@ def _load_rows(c: sqlite3.Connection) -> StoredRows:
         "SELECT lease, task, node, owner, output_digest, problem FROM results "
         f"WHERE task IN ({_OPEN_TASKS}) AND lease {_CURRENT} ORDER BY seq")]
     return StoredRows(jobs=jobs, tasks=tasks, leases=leases, results=results)
+
+
+def _migrate(c: sqlite3.Connection) -> None:
+    """Bring a database of an earlier version up to this schema: the expiry columns of jobs, and
+    blob references built from what its jobs hold."""
+    columns = {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
+    for column, kind in (("expired_at", "REAL"), ("expiry", "TEXT")):
+        if column not in columns:
+            c.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+    c.execute(EXPIRY_INDEX)
+    if c.execute("SELECT 1 FROM sqlite_master WHERE name='blob_refs'").fetchone() is None:
+        c.executescript(f"BEGIN; {REFS_SCHEMA} COMMIT;")
+
+
+def _expire(c: sqlite3.Connection, jobs: Sequence[str], at: float, reason: str) -> Freed:
+    marks = ",".join("?" * len(jobs))
+    going = [str(r[0]) for r in c.execute(
+        f"SELECT id FROM jobs WHERE id IN ({marks}) AND state != 'running' AND expired_at IS NULL", jobs)]
+    if not going:
+        return Freed()
+    marks = ",".join("?" * len(going))
+    c.execute(f"UPDATE jobs SET expired_at=?, expiry=? WHERE id IN ({marks})", (at, reason, *going))
+    tasks = f"SELECT id FROM tasks WHERE job IN ({marks})"
+    leases = c.execute(f"DELETE FROM leases WHERE task IN ({tasks})", going).rowcount
+    c.execute(f"DELETE FROM superseded_leases WHERE task IN ({tasks})", going)
+    # what the jobs referenced: their inputs, accepted outputs (those of a verdict undone by a
+    # reopen among their results' outputs), and uploads
+    refs = set(c.execute(
+        f"SELECT input_digest, job FROM tasks WHERE job IN ({marks}) "
+        f"UNION SELECT canonical_digest, job FROM tasks WHERE job IN ({marks}) AND canonical_digest IS NOT NULL "
+        f"UNION SELECT r.output_digest, t.job FROM results r JOIN tasks t ON t.id = r.task WHERE t.job IN ({marks}) "
+        f"UNION SELECT digest, job FROM uploads WHERE job IN ({marks})", (*going, *going, *going, *going)))
+    c.execute(f"DELETE FROM uploads WHERE job IN ({marks})", going)
+    c.executemany("DELETE FROM blob_refs WHERE digest=? AND job=?", refs)
+    digests = sorted({str(d) for d, _ in refs})
+    blobs = size = 0
+    for i in range(0, len(digests), EXPIRE_CHUNK):
+        chunk = digests[i:i + EXPIRE_CHUNK]
+        dmarks = ",".join("?" * len(chunk))
+        # unreferenced now: no job that has not expired holds it
+        orphan = f"digest IN ({dmarks}) AND digest NOT IN (SELECT digest FROM blob_refs WHERE digest IN ({dmarks}))"
+        n, b = c.execute(f"SELECT count(*), COALESCE(sum(length(data)), 0) FROM blobs WHERE {orphan}",
+                         (*chunk, *chunk)).fetchone()
+        c.execute(f"DELETE FROM blobs WHERE {orphan}", (*chunk, *chunk))
+        blobs, size = blobs + int(n), size + int(b)
+    return Freed(jobs=len(going), blobs=blobs, bytes=size, leases=leases)

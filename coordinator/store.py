@@ -20,7 +20,12 @@ Contract (checked for every backend by tests/contract/test_coordinator_store.py)
   and the batch is not written.
 - A lease closes once: closing a lease that is no longer live changes nothing.
 - `load_rows()` returns the stored rows `restore.snapshot_from_rows` rebuilds a resumed engine from;
-  a store supplies rows only and never interprets them.
+  a store supplies rows only and never interprets them. Expired jobs are not among them.
+- Blobs are content-addressed and shared: a job references its tasks' inputs, their accepted
+  outputs and what was uploaded under its leases. `expire_jobs` deletes a blob only once no job
+  that has not expired references it, and keeps every job, task and result row (the ledger is
+  checked against them); a running job never expires.
+- A lease holds at most one upload: `put_upload` of another digest under it stores nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ledger.entries import Balances, Entry
@@ -36,11 +41,35 @@ from ledger.entries import Balances, Entry
 from .accounts import Account, Invite, NodeRecord
 from .quorum import Tolerance
 from .records import JobRecord, JobSpec, Op, TaskDecided, TaskRecord
-from .restore import Snapshot, StoredRows, snapshot_from_rows
+from .restore import JobRow, Snapshot, StoredRows, snapshot_from_rows
 
 
 class StoreError(Exception):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    """A finished job whose inputs and outputs are gone: its row, when, and why (one phrase:
+    `retention.expired_after(...)` or `retention.DELETED`)."""
+
+    job: JobRow
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Freed:
+    """What `expire_jobs` removed."""
+
+    jobs: int = 0
+    blobs: int = 0
+    bytes: int = 0
+    leases: int = 0
+
+    def __add__(self, other: Freed) -> Freed:
+        return Freed(self.jobs + other.jobs, self.blobs + other.blobs, self.bytes + other.bytes,
+                     self.leases + other.leases)
 
 
 def keyed(decided: TaskDecided) -> TaskDecided:
@@ -100,6 +129,13 @@ class CoordinatorStore(ABC):
     async def get_blob(self, digest: str) -> bytes | None: ...
 
     @abstractmethod
+    async def put_upload(self, lease: str, job: str, digest: str, data: bytes) -> str:
+        """A node's outputs uploaded under `lease` (a lease of `job`; the caller has checked the
+        digest and the content): the blob, referenced by `job`, as the lease's one upload. Returns
+        the digest the lease's upload holds now: `digest` when this is its first upload (or the
+        same one again), else the earlier one, and then nothing is stored."""
+
+    @abstractmethod
     async def create_job(self, job: JobRecord, tasks: Sequence[TaskRecord], blobs: dict[str, bytes]) -> None:
         """Job, tasks and their input blobs in one transaction: a job exists whole or not at all."""
 
@@ -109,11 +145,32 @@ class CoordinatorStore(ABC):
 
     @abstractmethod
     async def load_rows(self) -> StoredRows:
-        """Every job and task, and the leases and results of open tasks of running jobs."""
+        """Every job not expired and its tasks, and the leases and results of open tasks of running
+        jobs."""
 
     async def load(self) -> Snapshot:
         """What a restarted coordinator resumes from: one interpretation of the rows for all stores."""
         return snapshot_from_rows(await self.load_rows())
+
+    @abstractmethod
+    async def finished_before(self, cutoff: float, limit: int) -> list[str]:
+        """Ids of at most `limit` jobs that finished (done or failed) at or before `cutoff` (wall
+        clock) and have not expired, the earliest finished first. Cheap: asked every sweep."""
+
+    @abstractmethod
+    async def expire_jobs(self, jobs: Sequence[str], *, at: float, reason: str) -> Freed:
+        """In one transaction, for each of `jobs` that is finished and not expired (others are left
+        alone): mark it expired at `at` for `reason`; delete its leases and uploads, and every blob
+        it referenced that no job not expired still references. Its job, task and result rows and
+        their digests stay, and so do the ledger's entries. Returns what was removed."""
+
+    @abstractmethod
+    async def expiry(self, job: str) -> Expiry | None:
+        """The expiry of `job`, or None (unknown, or not expired)."""
+
+    @abstractmethod
+    async def compact(self) -> None:
+        """Give space freed by expiries back where the backend can (SQLite: incremental vacuum)."""
 
     @abstractmethod
     async def canonical_digests(self, job: str) -> list[str | None]:

@@ -98,17 +98,19 @@ class Pipeline:
     async def _execute(self, a: Assignment) -> Result:
         with self._cache.pinned(a.model):
             path = await self._retry("model", lambda: self._cache.fetch(a.model))
-            arrays = {name: t.to_array() for name, t in (await self._inputs(a)).items()}
+            inputs = await self._inputs(a)
             async with self._slots:
-                if self._clock() >= a.expires_at:
+                left = a.expires_at - self._clock()
+                if left <= 0:
                     raise NotRun("lease expired before a slot was free")
                 self.started.add(a.lease)
-                outcome = await self._runner.run(path, a.model, a.opt_level, arrays)
-        outputs = outcome.outputs if self._filter is None else self._filter(outcome.outputs)
-        try:
-            tensors = tensors_from_arrays(outputs)
-        except PeerError as exc:  # e.g. a string output: not a dtype the protocol carries
-            raise TaskFailed(f"model output cannot be sent: {exc}") from exc
+                outcome = await self._runner.run(path, a.model, a.opt_level, inputs, lease_seconds=left)
+        tensors = outcome.outputs
+        if self._filter is not None:
+            try:
+                tensors = tensors_from_arrays(self._filter({n: t.to_array() for n, t in tensors.items()}))
+            except PeerError as exc:  # e.g. a string output: not a dtype the protocol carries
+                raise TaskFailed(f"model output cannot be sent: {exc}") from exc
         digest = digest_tensors(tensors)
         inline = encoded_size_bound(tensors) <= self._inline_limit  # measured without encoding
         if not inline:

@@ -120,4 +120,4 @@ class Outbox:
                                    Results(node=self._node, runtime=self._runtime, items=tuple(batch)),
                                    self._identity)
             del results[:len(batch)]
-            log.info(kv("results_sent", count=len(batch), bytes=nbytes))
+            log.debug(kv("results_sent", count=len(batch), bytes=nbytes))

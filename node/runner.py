@@ -1,177 +1,154 @@
-"""ONNX Runtime execution: one single-threaded session per slot thread.
+"""Task runs in sandboxed worker processes, one per slot, with memory and wall-clock limits.
 
-ORT releases the GIL inside `run`, so `slots` threads of one process run in parallel; measured on
-2 cores, two single-threaded sessions ran 1.97x the rate of one, where one session with two
-intra-op threads managed 1.74x (DESIGN.md §7). Each thread keeps its own sessions in a
-`threading.local`: sessions are never shared between threads, and a warm one is reused.
+A volunteer runs models strangers uploaded, so onnxruntime never runs in the daemon itself: each
+slot is a long-lived child of protocol/sandbox.py (empty working directory, minimal environment,
+RLIMIT_AS per run, killed by PID past its time). The daemon's event loop only ships frames, so its
+heartbeats and MQTT link stay live whatever a model does (an input-driven loop bomb ran 27.9 s on
+the old in-process runner's event loop). Workers start when work arrives and stop after
+`idle_seconds` without it, so an idle daemon gives their memory back.
+
+The wall-clock limit comes from the model's measured cost on this machine: `run_factor` times the
+predicted time (at least `min_run_seconds`, plus `load_seconds` when the worker must load the model
+first), never past the lease (a late result counts for nothing: the run stops a second early so
+that its error counts) nor `max_run_seconds`. The first run of a model has no measure yet and gets
+the lease's remaining time.
+
+Slots are processes rather than threads of one process (DESIGN.md §7 measured threads as faster
+and ~45 MB leaner per slot); the sandbox is what a volunteer network needs, and issue 9's
+benchmark keeps its cost in view (benchmarks/bench_network.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import platform
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-import onnxruntime as ort
+from protocol import sandbox
+from protocol.runrecipe import runtime_fingerprint
+from protocol.sandbox import SandboxPool
+from protocol.tensors import Tensor
 
 from .errors import TaskFailed
 
-Arrays = dict[str, npt.NDArray[Any]]
+__all__ = ["RunOutcome", "Runner", "runtime_fingerprint"]
 
-OPT_LEVELS: Mapping[int, ort.GraphOptimizationLevel] = {
-    0: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    2: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    99: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-PROVIDERS = ["CPUExecutionProvider"]
-# A run predicted to take less than this goes on the calling (event loop) thread: handing it to a
-# slot thread and back cost more than the run itself for small tasks (~10% of a node's CPU in a
-# profile, against ~4% in ORT).
-INLINE_SECONDS = 0.0002
-
-
-def runtime_fingerprint() -> str:
-    """What makes two nodes' outputs bitwise comparable: ORT version, ISA, Python."""
-    return f"ort={ort.__version__};isa={platform.machine()};py={platform.python_version()}"
-
-
-def session_options(opt_level: int) -> ort.SessionOptions:
-    """Single-threaded, sequential, with the job's pinned graph optimisation level."""
-    level = OPT_LEVELS.get(opt_level)
-    if level is None:
-        raise TaskFailed(f"unknown graph optimisation level {opt_level} (known: {sorted(OPT_LEVELS)})")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = level
-    opts.log_severity_level = 3  # errors only: a warning per session would flood the log
-    return opts
-
-
-def sendable_outputs(session: ort.InferenceSession) -> list[str]:
-    """Names of the outputs that are numeric tensors, the only kind the protocol carries.
-
-    Sequences, maps (e.g. skl2onnx's ZipMap probabilities) and string tensors are not requested,
-    so ORT does not compute them; a model with no numeric tensor output at all cannot be served."""
-    names = [o.name for o in session.get_outputs() if o.type.startswith("tensor(") and o.type != "tensor(string)"]
-    if not names:
-        raise TaskFailed("the model has no numeric tensor outputs to send")
-    return names
+LEASE_MARGIN_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
-    outputs: Arrays
+    outputs: dict[str, Tensor]
     elapsed: float
-    """Seconds spent in `InferenceSession.run` alone (not loading, not fetching)."""
+    """Seconds spent in `InferenceSession.run` alone (not loading, not shipping)."""
 
 
-def load_session(model_path: Path, digest: str, opt_level: int) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(model_path), sess_options=session_options(opt_level), providers=PROVIDERS)
-    except TaskFailed:
-        raise
-    except Exception as exc:
-        raise TaskFailed(f"model {digest[:12]} failed to load: {type(exc).__name__}: {exc}") from exc
-
-
-class _Sessions(threading.local):
-    def __init__(self) -> None:
-        self.by_key: OrderedDict[tuple[str, int], ort.InferenceSession] = OrderedDict()
+@dataclass(frozen=True, slots=True)
+class RunLimits:
+    memory_bytes: int = 1 << 30
+    """Address space one run may add to what its worker maps already (plus 4x the model's size,
+    the room its weights take while loading)."""
+    min_run_seconds: float = 2.0
+    run_factor: float = 20.0
+    load_seconds: float = 30.0
+    max_run_seconds: float = 600.0
 
 
 class Runner:
-    """A pool of `slots` threads, each with its own ORT sessions keyed by (model digest, opt level)."""
+    """`slots` sandboxed workers, each keeping up to `sessions` models loaded."""
 
-    def __init__(self, slots: int, *, sessions_per_thread: int = 4) -> None:
+    def __init__(self, slots: int, *, sessions: int = 4, limits: RunLimits | None = None,
+                 idle_seconds: float | None = 60.0, nice: int = 0) -> None:
         self.slots = slots
-        self._max_sessions = sessions_per_thread
-        self._local = _Sessions()
-        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="sc-slot")
-        self._busy = 0
-        self._busy_lock = threading.Lock()
+        self.limits = limits or RunLimits()
+        self._pool = SandboxPool(workers=slots, sessions=sessions, idle_seconds=idle_seconds, nice=nice,
+                                 name="node-run")
         # Seconds per input element, per (model, opt level): per element rather than per row, so a
-        # job with longer sequences on a dynamic axis is not mistaken for a tiny one. Updated on the
-        # loop thread; it rises at once when a run is slower and decays slowly, so a heavy task is
-        # never run on the event loop twice.
+        # job with longer sequences on a dynamic axis is not mistaken for a tiny one. It rises at
+        # once when a run is slower and decays slowly, so one fast run cannot shrink the limit.
         self._seconds_per_element: dict[tuple[str, int], float] = {}
 
     @property
     def busy(self) -> int:
-        """Runs in progress right now (threads inside ORT or loading a session)."""
-        with self._busy_lock:
-            return self._busy
+        """Runs in progress right now."""
+        return self._pool.busy
 
-    async def run(self, model_path: Path, digest: str, opt_level: int, inputs: Mapping[str, npt.NDArray[Any]]
-                  ) -> RunOutcome:
-        key = (digest, opt_level)
-        elements = max(1, sum(int(a.size) for a in inputs.values()))
-        per_element = self._seconds_per_element.get(key)
-        if per_element is not None and per_element * elements < INLINE_SECONDS:
-            if key not in self._local.by_key:
-                # This (event loop) thread's own session: loaded in a worker, so that a large
-                # model never stalls the loop while it loads.
-                loaded = await asyncio.to_thread(load_session, model_path, digest, opt_level)
-                self._cache(key, loaded)
-            outcome = self.run_sync(model_path, digest, opt_level, inputs)
+    @property
+    def pids(self) -> list[int]:
+        """The live workers' PIDs."""
+        return self._pool.pids
+
+    def time_limit(self, digest: str, opt_level: int, elements: int, *, load: bool,
+                   lease_seconds: float | None) -> float:
+        lim = self.limits
+        per_element = self._seconds_per_element.get((digest, opt_level))
+        if per_element is None:
+            limit = lim.max_run_seconds
         else:
-            loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(self._pool, self.run_sync, model_path, digest, opt_level, inputs)
-        seen = outcome.elapsed / elements
+            limit = max(lim.min_run_seconds, lim.run_factor * per_element * elements)
+            if load:
+                limit += lim.load_seconds
+        if lease_seconds is not None:
+            # Stopped a little before the lease ends, so that the error reaches the coordinator
+            # while the lease is live: a late report is refused, and the task would wait for a
+            # lease expiry (and a longer lease) instead of counting this owner's error.
+            margin = min(LEASE_MARGIN_SECONDS, lease_seconds / 2)
+            limit = min(limit, max(lease_seconds - margin, 0.1))
+        return min(limit, lim.max_run_seconds)
+
+    async def run(self, model_path: Path, digest: str, opt_level: int, inputs: Mapping[str, Tensor], *,
+                  lease_seconds: float | None = None) -> RunOutcome:
+        """Run every row as one batch: a task is never re-split, because rows run alone can differ
+        from rows run inside a batch by more than the agreement tolerance (DESIGN.md §4).
+        `lease_seconds`: how long the lease has left. Raises `TaskFailed` with a reason."""
+        key = (digest, opt_level)
+        elements = max(1, sum(_elements(t) for t in inputs.values()))
+
+        def limit(load: bool) -> float:
+            return self.time_limit(digest, opt_level, elements, load=load, lease_seconds=lease_seconds)
+
+        async def model_bytes() -> bytes:  # read only when the worker must load the model
+            return await asyncio.to_thread(model_path.read_bytes)
+
+        outcome = await self._pool.run(model_bytes, digest, inputs, opt_level, seconds=limit,
+                                       memory_bytes=self.limits.memory_bytes)
+        if outcome.problem is not None:
+            raise TaskFailed(_reason(outcome, self.limits))
+        assert outcome.outputs is not None
+        seen = outcome.run_seconds / elements
+        per_element = self._seconds_per_element.get(key)
         self._seconds_per_element[key] = (seen if per_element is None or seen > per_element
                                           else 0.8 * per_element + 0.2 * seen)
-        return outcome
+        return RunOutcome(outcome.outputs, outcome.run_seconds)
 
-    def run_sync(self, model_path: Path, digest: str, opt_level: int,
-                 inputs: Mapping[str, npt.NDArray[Any]]) -> RunOutcome:
-        """Run every row as one batch: a task is never re-split, because rows run alone can differ
-        from rows run inside a batch by more than the agreement tolerance (DESIGN.md §4)."""
-        with self._busy_lock:
-            self._busy += 1
-        try:
-            session = self._session(model_path, digest, opt_level)
-            names = sendable_outputs(session)
-            expected = {i.name for i in session.get_inputs()}
-            if set(inputs) != expected:
-                raise TaskFailed(f"inputs {sorted(inputs)} do not match the model's {sorted(expected)}")
-            start = time.perf_counter()
-            try:
-                values = session.run(names, dict(inputs))
-            except Exception as exc:  # ORT raises its own exception types for bad shapes, dtypes, ...
-                raise TaskFailed(f"onnxruntime: {type(exc).__name__}: {exc}") from exc
-            elapsed = time.perf_counter() - start
-            return RunOutcome({n: np.asarray(v) for n, v in zip(names, values, strict=True)}, elapsed)
-        finally:
-            with self._busy_lock:
-                self._busy -= 1
+    async def close(self) -> None:
+        """Kill the workers by PID: a run past the drain deadline is abandoned, not awaited."""
+        await self._pool.close()
 
-    def _session(self, model_path: Path, digest: str, opt_level: int) -> ort.InferenceSession:
-        key = (digest, opt_level)
-        session = self._local.by_key.get(key)
-        if session is not None:
-            self._local.by_key.move_to_end(key)
-            return session
-        return self._cache(key, load_session(model_path, digest, opt_level))
 
-    def _cache(self, key: tuple[str, int], session: ort.InferenceSession) -> ort.InferenceSession:
-        """Keep `session` as the calling thread's, evicting its least recently used beyond the limit."""
-        sessions = self._local.by_key
-        sessions[key] = session
-        while len(sessions) > self._max_sessions:
-            sessions.popitem(last=False)
-        return session
+def _elements(t: Tensor) -> int:
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n
 
-    def close(self, *, wait: bool = True) -> None:
-        """Stop the pool. With wait=False, runs in progress finish in the background."""
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+def _reason(outcome: sandbox.Outcome, limits: RunLimits) -> str:
+    """The error a Result carries: the node's own words, and the runtime's text only where it is
+    about the model (its cwd is empty, so it cannot carry this machine's files)."""
+    match outcome.problem:
+        case sandbox.TIMEOUT:
+            # No measured seconds in the text: owners' reports of one problem must read the same to
+            # be counted together (coordinator/engine.py confirms errors by identical reasons).
+            return "run stopped: over this node's time limit for the model"
+        case sandbox.MEMORY:
+            return f"run stopped: over this node's memory limit ({limits.memory_bytes >> 20} MiB per run)"
+        case sandbox.MODEL:
+            return f"onnxruntime could not run the model: {outcome.detail[:300]}"
+        case sandbox.INPUTS:
+            return f"inputs do not match the model: {outcome.detail[:300]}"
+        case sandbox.CRASHED:
+            return "the run's worker process died"
+        case _:
+            return f"the node could not run the task ({outcome.problem})"

@@ -41,6 +41,12 @@ class BrokerAddress:
     username: str | None = None
     password: str | None = None
 
+    @property
+    def url(self) -> str:
+        """`mqtt://HOST:PORT`, without the login: safe to log and to show."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
+
 
 def parse_broker_url(url: str) -> BrokerAddress:
     """`mqtt://[user[:password]@]HOST[:PORT]` → BrokerAddress (port 1883 by default)."""
@@ -81,8 +87,17 @@ class NodeSettings:
     http_timeout_seconds: float = 60.0
     fetch_attempts: int = 3
     """Tries for a model or input download before the task is reported as failed."""
-    sessions_per_thread: int = 4
-    """ONNX Runtime sessions each slot thread keeps warm (least recently used dropped first)."""
+    sessions_per_slot: int = 4
+    """ONNX Runtime sessions each slot's worker keeps warm (least recently used dropped first)."""
+    run_memory_bytes: int = 1024 * 1024 * 1024
+    """Memory one run may take in its worker (beyond the runtime's own and 4x the model): a model
+    that asks for more is stopped and its task reported as failed."""
+    max_run_seconds: float = 600.0
+    """No run takes longer; within it, a model's limit follows its measured speed here."""
+    worker_idle_seconds: float = 60.0
+    """A slot's worker process stops after this long without work, giving its memory back."""
+    nice: int = 19
+    """Scheduling niceness of the run workers: the machine's owner comes first."""
     owner_key_path: Path | None = None
     """The owner account's key, used to certify this node. None: `owner-<owner>.key` beside the node
     key, created (and registered as the account `owner`) if absent."""
@@ -106,8 +121,12 @@ class NodeSettings:
             raise ValueError("heartbeat must be positive and drain not negative")
         if not 0 < self.reconnect_min_seconds <= self.reconnect_max_seconds:
             raise ValueError("reconnect backoff needs 0 < min <= max")
-        if self.fetch_attempts < 1 or self.sessions_per_thread < 1:
-            raise ValueError("fetch_attempts and sessions_per_thread must be at least 1")
+        if self.fetch_attempts < 1 or self.sessions_per_slot < 1:
+            raise ValueError("fetch_attempts and sessions_per_slot must be at least 1")
+        if self.run_memory_bytes < 1 << 20 or self.max_run_seconds <= 0 or self.worker_idle_seconds <= 0:
+            raise ValueError("run memory must be at least 1 MiB, run and idle times positive")
+        if not 0 <= self.nice <= 19:
+            raise ValueError("nice must be 0..19")
 
     @property
     def owner_key(self) -> Path:

@@ -34,8 +34,9 @@ from .logs import kv
 from .membership import Registration, RequestSigner, join
 from .modelcheck import check_model
 from .outbox import Outbox, publish
-from .runner import Runner, runtime_fingerprint
+from .runner import RunLimits, Runner, runtime_fingerprint
 from .settings import NodeSettings
+from .status import NodeState, StatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,16 @@ SEEN_LEASES = 65536  # leases remembered so a QoS-1 redelivery is not run twice
 
 async def run_node(settings: NodeSettings, *, stop: asyncio.Event | None = None,
                    output_filter: OutputFilter | None = None,
-                   on_ready: Callable[[str], None] | None = None) -> None:
+                   on_ready: Callable[[str], None] | None = None, status: StatusBoard | None = None) -> None:
     """Run the node until `stop` is set, then drain: release queued work, finish running tasks
     (up to `drain_seconds`), send their results, announce offline. `output_filter` rewrites
     outputs before they are digested and sent (tests use it to make a node lie); `on_ready`
-    gets the node id once the node is connected and subscribed."""
+    gets the node id once the node is connected and subscribed; `status` is told each change of
+    state (node/status.py)."""
     stop = stop or asyncio.Event()
+    status = status or StatusBoard(settings=settings)  # status hook: a board that keeps no file
     identity = await asyncio.to_thread(Identity.load_or_create, settings.key_path)
+    status.node_id = identity.id  # status hook
     timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=settings.http_timeout_seconds)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         info = await fetch_info(http, settings.coordinator_base, stop=stop,
@@ -63,6 +67,7 @@ async def run_node(settings: NodeSettings, *, stop: asyncio.Event | None = None,
             log.info(kv("node_stopped", id=identity.id, reason="stopped before the coordinator answered"))
             return
         signer = RequestSigner(identity, info.coordinator)
+        status.set_state(NodeState.STARTING, "registering with the coordinator")  # status hook
         registration = await join(http, settings.coordinator_base, info.coordinator, identity, owner=settings.owner,
                                   owner_key=settings.owner_key, cert_path=settings.cert_path, stop=stop,
                                   backoff_min=settings.reconnect_min_seconds,
@@ -73,17 +78,20 @@ async def run_node(settings: NodeSettings, *, stop: asyncio.Event | None = None,
         log.info(kv("registered", id=identity.id, owner=registration.owner,
                     certificate_expires=round(registration.expires_at),
                     broker_login="per-node" if registration.mqtt_username else "none"))
-        runner = Runner(settings.slots, sessions_per_thread=settings.sessions_per_thread)
+        status.set_state(NodeState.STARTING, "connecting to the broker")  # status hook
+        runner = Runner(settings.slots, sessions=settings.sessions_per_slot, idle_seconds=settings.worker_idle_seconds,
+                        nice=settings.nice, limits=RunLimits(memory_bytes=settings.run_memory_bytes,
+                                                             max_run_seconds=settings.max_run_seconds))
         cache = ModelCache(settings.cache_dir, session=http, base_url=settings.coordinator_base,
                            quota_bytes=settings.cache_quota_bytes, validate=check_model, signer=signer)
         try:
             node = Node(settings, identity, info, http=http, cache=cache, runner=runner,
                         output_filter=output_filter, on_ready=on_ready, signer=signer,
-                        registration=registration)
+                        registration=registration, status=status)
             await node.run(stop)
         finally:
             await cache.close()
-            runner.close(wait=False)  # a run past the drain deadline is abandoned, not awaited
+            await runner.close()  # workers killed by PID: a run past the drain deadline is abandoned
 
 
 class Node:
@@ -91,7 +99,7 @@ class Node:
                  http: aiohttp.ClientSession, cache: ModelCache, runner: Runner,
                  output_filter: OutputFilter | None = None,
                  on_ready: Callable[[str], None] | None = None, signer: RequestSigner | None = None,
-                 registration: Registration | None = None) -> None:
+                 registration: Registration | None = None, status: StatusBoard | None = None) -> None:
         self.settings = settings
         self.registration = registration
         self.identity = identity
@@ -124,6 +132,7 @@ class Node:
         self._since = 0  # the current broker connection's start (wall ms): names its Status messages
         self._rng = random.Random()
         self._idle_mark = (0.0, 0)  # (since when, assignments then): to explain "why no work"
+        self.status = (status or StatusBoard(settings=settings)).attach(self)  # status hook
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -149,6 +158,7 @@ class Node:
 
     async def _drain(self) -> None:
         self.draining = True
+        self.status.set_state(NodeState.DRAINING, "finishing running tasks before stopping")  # status hook
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_seconds
         unstarted = [lease for lease in self.held if lease not in self.pipeline.started]
@@ -215,15 +225,17 @@ class Node:
                     await self.link.set(client)
                     log.info(kv("connected", broker=f"{broker.host}:{broker.port}", id=self.id,
                                 prefix=self.topics.prefix))
+                    self.status.connected()  # status hook
                     if self._on_ready is not None:
                         on_ready, self._on_ready = self._on_ready, None
                         on_ready(self.id)
                     async for message in client.messages:
                         self._on_message(message.payload)
             except aiomqtt.MqttError as exc:
-                log.warning(kv("broker_unreachable", broker=f"{broker.host}:{broker.port}", error=str(exc),
-                               retry_in=round(delay, 2), held=len(self.held),
-                               unsent=len(self.outbox.results)))
+                # status hook: the board logs the change once (WARNING); each retry only at DEBUG
+                self.status.set_state(NodeState.UNREACHABLE, f"cannot reach broker at {broker.url}: {exc}")
+                log.debug(kv("broker_unreachable", broker=f"{broker.host}:{broker.port}", error=str(exc),
+                             retry_in=round(delay, 2), held=len(self.held), unsent=len(self.outbox.results)))
             finally:
                 await self.link.set(None)
             await asyncio.sleep(delay * (0.5 + self._rng.random()))
@@ -273,6 +285,7 @@ class Node:
                 self.held[a.lease] = asyncio.create_task(self._work(a), name=f"task-{a.lease}")
         self.outbox.release(expired, "expired on arrival")
         self.outbox.release(refused, "node shutting down" if self.draining else "over capacity")
+        self.status.refresh()  # status hook
         if log.isEnabledFor(logging.DEBUG):
             log.debug(kv("assignments", received=len(items), held=len(self.held), expired=len(expired),
                          refused=len(refused)))
@@ -293,6 +306,7 @@ class Node:
             self.held.pop(a.lease, None)
             self.pipeline.started.discard(a.lease)
             self._changed.set()
+            self.status.refresh()  # status hook
 
     # ---- asking for work --------------------------------------------------------------------
 

@@ -186,3 +186,57 @@ def memory_bomb(side: int = 15000) -> bytes:
         "memory_bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])], [shape])
     return _model(graph)
+
+
+def _count_from_rows(prefix: str) -> list[onnx.NodeProto]:
+    """Nodes that turn x[N,1] (float) into the int64 scalar max(x): a size chosen by the rows' values."""
+    return [helper.make_node("ReduceMax", ["x"], [f"{prefix}_max"], keepdims=0),
+            helper.make_node("Cast", [f"{prefix}_max"], [f"{prefix}_n"], to=TensorProto.INT64)]
+
+
+def loop_bomb() -> bytes:
+    """y[N,1] = x + max(x): a Loop of max(x) iterations adds 1 each time. Rows of 1.0 run in
+    microseconds; a row of 1e12 runs for hours. The running time is chosen by the submitter's
+    values, not by anything a check of the graph or of invented rows could see."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
+    graph = helper.make_graph(
+        [*_count_from_rows("loop"),
+         helper.make_node("Loop", ["loop_n", "", "zero"], ["count"], body=body),
+         helper.make_node("Add", ["x", "count"], ["y"])],
+        "loop_bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.zeros(1, np.float32), name="zero")])
+    return _model(graph)
+
+
+def alloc_bomb() -> bytes:
+    """y[N,1] = x + sum(ones(max(x))): rows of 1.0 allocate 4 bytes; a row of 1e10 asks for 40 GB."""
+    graph = helper.make_graph(
+        [*_count_from_rows("alloc"),
+         helper.make_node("Reshape", ["alloc_n", "one_dim"], ["shape"]),
+         helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                          value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+         helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+         helper.make_node("Add", ["x", "total"], ["y"])],
+        "alloc_bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.array([1], np.int64), name="one_dim")])
+    return _model(graph)
+
+
+def doubler(features: int = 2) -> bytes:
+    """y[N,F] = 2x: outputs a test can compute exactly."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])], "doubler",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", features])])
+    return _model(graph)

@@ -44,7 +44,7 @@ async def _serve(argv: list[str]) -> int:
     parser = build_parser()
     parser.add_argument("--lie", choices=sorted(LIES), required=True)
     args = parser.parse_args(argv)
-    logs.configure(args.log_level)
+    logs.configure(args.log_level or "INFO")  # None: not given (the config file may set it)
     settings = settings_from_args(args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

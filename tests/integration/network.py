@@ -51,12 +51,12 @@ class Network:
             ready=r"coordinator ready", timeout=READY_TIMEOUT, name="coordinator")
         return self.coordinator
 
-    def start_node(self, owner: str, *, slots: int = 1, index: int | None = None) -> ManagedProcess:
+    def start_node(self, owner: str, *extra: str, slots: int = 1, index: int | None = None) -> ManagedProcess:
         i = len(self.nodes) if index is None else index
         proc = self.group.start(
             "node",
             ["--broker", self.broker_url, "--coordinator", self.url, "--key", str(self.tmp / f"node{i}.key"),
-             "--owner", owner, "--slots", str(slots), "--cache-dir", str(self.tmp / f"cache{i}")],
+             "--owner", owner, "--slots", str(slots), "--cache-dir", str(self.tmp / f"cache{i}"), *extra],
             ready=r"node ready", timeout=READY_TIMEOUT, name=f"node{i}-{owner}")
         self.nodes.append(proc)
         return proc

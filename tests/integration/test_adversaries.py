@@ -462,6 +462,8 @@ def test_a_coordinator_killed_with_leases_expired_and_a_node_offline_finishes_th
     task paid once to each."""
     # Leases expire before silence counts; every task needs both owners (no solo runs on trusted
     # nodes, whose trust now survives the restart), which is what the restart must not prevent.
+    # Nor may the restarted coordinator take bob for gone before his node is back (alice's node reran
+    # every task first) and decide each task on her result and its own run (Engine.resume).
     flags = ("--lease-seconds", "2", "--silence-seconds", "30", "--no-adaptive")
     net.start_coordinator(*flags)
     _, bob = start_nodes(net, "alice", "bob")

@@ -1,6 +1,7 @@
 """docker-compose.yml stays true to the CLI, and its layout runs for real as processes: our own
 Mosquitto started from deploy/mosquitto.conf, a coordinator and the two nodes, with the compose
-commands (host names mapped to 127.0.0.1, ports to free ones)."""
+commands (host names mapped to 127.0.0.1, ports to free ones). The nodes run with the service's
+config file (deploy/node.toml, mounted) and SPARECYCLES_NODE_* variables, read by node/config.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from node.config import NodeConfig, load
 from sparecycles.cli.processes import ProcessGroup, free_port
 from tests import models
 
@@ -28,6 +30,19 @@ NODES = [name for name in SERVICES if name.startswith("node")]
 
 def flag(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> host path of a service's bind mounts (named volumes left out)."""
+    pairs = (v.removesuffix(":ro").split(":", 1) for v in service["volumes"])
+    return {target: source for source, target in pairs if source.startswith("./")}
+
+
+def node_config(name: str) -> NodeConfig:
+    """The settings a compose node runs with: its --config file as mounted, its environment."""
+    service = SERVICES[name]
+    config_file = ROOT / mounts(service)[flag(service["command"], "--config")]
+    return load({"config": config_file}, {k: str(v) for k, v in service["environment"].items()})
 
 
 def test_every_sparecycles_command_in_compose_parses_with_the_real_cli() -> None:
@@ -51,12 +66,14 @@ def test_compose_ports_and_addresses_line_up() -> None:
     assert broker.hostname in SERVICES and f"{broker.port}:{broker.port}" in SERVICES["mosquitto"]["ports"]
     owners, keys = set(), set()
     for name in NODES:
-        command = SERVICES[name]["command"]
-        target = urlsplit(flag(command, "--coordinator"))
+        settings = node_config(name).settings
+        target = urlsplit(settings.coordinator_url)
         assert (target.hostname, str(target.port)) == ("coordinator", http_port)
-        assert flag(command, "--broker") == flag(coordinator, "--broker")
-        owners.add(flag(command, "--owner"))
-        keys.add(tuple(SERVICES[name]["volumes"]))
+        assert settings.broker_url == flag(coordinator, "--broker")
+        owners.add(settings.owner)
+        # the key lives in the node's own named volume
+        volume = next(v.split(":")[0] for v in SERVICES[name]["volumes"] if v.endswith(f":{settings.key_path.parent}"))
+        keys.add(volume)
     assert len(owners) == len(NODES) >= 2, "k=2 needs nodes of at least two distinct owners"
     assert len(keys) == len(NODES), "each node needs its own key volume"
 
@@ -92,23 +109,26 @@ def test_the_compose_layout_runs_as_real_processes(tmp_path: Path, mosquitto_bin
     with running_dynsec_broker(tmp_path, mosquitto=mosquitto_binary) as broker, \
             ProcessGroup(tmp_path / "logs") as group:
 
+        mapping = {"mqtt://mosquitto:1883": f"mqtt://127.0.0.1:{broker.port}",
+                   "http://coordinator:8080": f"http://127.0.0.1:{http_port}",
+                   "0.0.0.0:8080": f"127.0.0.1:{http_port}",
+                   "sqlite:////data/coordinator.db": f"sqlite:///{tmp_path}/coordinator.db"}
+
         def local(command: list[str]) -> list[str]:
-            args = command[2:]
-            mapping = {"mqtt://mosquitto:1883": f"mqtt://127.0.0.1:{broker.port}",
-                       "http://coordinator:8080": f"http://127.0.0.1:{http_port}",
-                       "0.0.0.0:8080": f"127.0.0.1:{http_port}",
-                       "sqlite:////data/coordinator.db": f"sqlite:///{tmp_path}/coordinator.db",
-                       "/keys/node.key": str(tmp_path / f"{command[command.index('--owner') + 1]}.key")
-                       if "--owner" in command else "/keys/node.key"}
-            return [mapping.get(a, a) for a in args]
+            return [mapping.get(a, a) for a in command[2:]]
 
         admin = {"SPARECYCLES_BROKER_ADMIN": f"{broker.admin_user}:{broker.admin_password}"}
         assert set(admin) <= set(SERVICES["coordinator"]["environment"])
         group.start("coordinator", local(SERVICES["coordinator"]["command"]), ready=r"coordinator ready",
                     name="coordinator", env=admin)
         for name in NODES:
-            group.start("node", [*local(SERVICES[name]["command"]), "--cache-dir", str(tmp_path / name)],
-                        ready=r"node ready", name=name)
+            service = SERVICES[name]
+            files = {target: str(ROOT / source) for target, source in mounts(service).items()}
+            env = {k: mapping.get(str(v), str(v)) for k, v in service["environment"].items()}
+            # the key and cache paths of the file are the container's: here flags override them
+            group.start("node", [files.get(a, a) for a in local(service["command"])]
+                        + ["--key", str(tmp_path / name / "node.key"), "--cache-dir", str(tmp_path / name / "models")],
+                        ready=r"node ready", name=name, env=env)
         model, x = models.classifier(), np.random.default_rng(5).standard_normal((64, 8)).astype(np.float32)
 
         async def run() -> tuple[dict[str, Any], dict[str, np.ndarray]]:

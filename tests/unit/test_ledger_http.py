@@ -22,7 +22,7 @@ from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings
 from ledger.verify import find_discrepancies
 from sparecycles.cli.main import main
-from tests.unit.test_service_budget import META, run_tasks
+from tests.unit.test_service_budget import META, MODEL, run_tasks
 
 INPUTS = {"x": np.arange(8, dtype=np.float32).reshape(4, 2)}  # two tasks of 2 rows: 8 credits each
 
@@ -37,6 +37,7 @@ def serving(tmp_path: Path) -> Iterator[tuple[str, Coordinator]]:
                                         untrusted_audit_rate=0.0, adaptive=False))
 
     async def prepare() -> None:
+        await c.store.put_model(META["model"], MODEL, META)
         await c.store.grant("dave", 100, key="start:dave", memo="starting grant", created_at=1.0)
         await c.create_job(META, INPUTS, JobOptions(replicas=2, task_size=2, max_results=None, final="argmax",
                                                     submitter="dave"))
@@ -59,7 +60,7 @@ def serving(tmp_path: Path) -> Iterator[tuple[str, Coordinator]]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.run_until_complete(runner.cleanup())
-        loop.run_until_complete(c.store.close())
+        loop.run_until_complete(c.stop())
         loop.close()
 
 

@@ -12,16 +12,18 @@ import pytest
 
 from coordinator.budget import InsufficientCredit, estimate
 from coordinator.jobs import JobOptions
+from coordinator.models import inspect_model
 from coordinator.records import JobRecord
 from coordinator.scheduler import JobState
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings
 from protocol.messages import Assignment, Result
 from protocol.tensors import digest_tensors, tensors_from_arrays
+from tests import models
 
-META = {"model": "a" * 64, "flops_per_row": 4_000,
-        "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 2]}],
-        "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 2]}]}
+MODEL = models.doubler(2)  # y = 2x, what run_tasks' honest nodes answer
+# The cost per row is pinned so that the prices below are round numbers.
+META = {**inspect_model(MODEL), "flops_per_row": 4_000}
 INPUTS = {"x": np.arange(12, dtype=np.float32).reshape(6, 2)}
 COST = estimate(4_000, [2, 2, 2], 2)  # 6 rows in tasks of 2, two replicas: 8 credits a task replica
 
@@ -30,11 +32,13 @@ def options(submitter: str) -> JobOptions:
     return JobOptions(replicas=2, task_size=2, max_results=None, final="argmax", submitter=submitter)
 
 
-def coordinator(db_url: str, tmp_path: Path) -> Coordinator:
+async def coordinator(db_url: str, tmp_path: Path) -> Coordinator:
     # Classic quorum, no audits: these tests are about reservations and charges, and feed the engine
     # directly (no service loop runs the audits it would ask for).
-    return Coordinator(CoordinatorSettings(db_url=db_url, key_path=str(tmp_path / "coord.key"),
-                                           untrusted_audit_rate=0.0, adaptive=False))
+    c = Coordinator(CoordinatorSettings(db_url=db_url, key_path=str(tmp_path / "coord.key"),
+                                        untrusted_audit_rate=0.0, adaptive=False))
+    await c.store.put_model(META["model"], MODEL, META)  # a model's first job runs in the probe
+    return c
 
 
 _seq = itertools.count(1)
@@ -62,7 +66,7 @@ async def run_tasks(c: Coordinator, owners: tuple[str, ...], *, limit: int) -> N
 @pytest.mark.parametrize("db", ["memory", "sqlite"])
 async def test_a_job_the_submitter_cannot_pay_for_is_refused_whole(db: str, tmp_path: Path) -> None:
     # Attack: submitting work without the credit to pay for it.
-    c = coordinator("memory" if db == "memory" else f"sqlite:///{tmp_path}/c.db", tmp_path)
+    c = await coordinator("memory" if db == "memory" else f"sqlite:///{tmp_path}/c.db", tmp_path)
     try:
         await c.store.grant("dave", COST - 1, key="start:dave", memo="", created_at=1.0)
 
@@ -73,11 +77,11 @@ async def test_a_job_the_submitter_cannot_pay_for_is_refused_whole(db: str, tmp_
         assert c.engine.jobs == {} and (await c.store.load()).jobs == []
         assert c.budget.reserved("dave") == 0
     finally:
-        await c.store.close()
+        await c.stop()
 
 
 async def test_a_paid_job_reserves_its_cost_and_is_charged_exactly_that(tmp_path: Path) -> None:
-    c = coordinator("memory", tmp_path)
+    c = await coordinator("memory", tmp_path)
     try:
         # Prepare
         await c.store.grant("dave", COST + 5, key="start:dave", memo="", created_at=1.0)
@@ -96,11 +100,11 @@ async def test_a_paid_job_reserves_its_cost_and_is_charged_exactly_that(tmp_path
         balances = await c.store.ledger_balances()
         assert sum(a.balance for a in balances.accounts) == balances.total_granted == COST + 5
     finally:
-        await c.store.close()
+        await c.stop()
 
 
 async def test_jobs_without_a_submitter_are_neither_reserved_nor_charged(tmp_path: Path) -> None:
-    c = coordinator("memory", tmp_path)
+    c = await coordinator("memory", tmp_path)
     try:
         await c.create_job(META, INPUTS, options(""))
         await run_tasks(c, ("alice", "bob"), limit=3)
@@ -109,23 +113,23 @@ async def test_jobs_without_a_submitter_are_neither_reserved_nor_charged(tmp_pat
         assert balances.total_credits == COST and balances.total_granted == 0
         assert [e.kind for e in await c.store.ledger_entries(0, 100)] == ["credit"] * 6
     finally:
-        await c.store.close()
+        await c.stop()
 
 
 async def test_a_restart_reserves_what_the_open_tasks_can_still_cost(tmp_path: Path) -> None:
     # Prepare: one of three tasks verified and charged, then the process stops
     url = f"sqlite:///{tmp_path}/c.db"
-    first = coordinator(url, tmp_path)
+    first = await coordinator(url, tmp_path)
     try:
         await first.store.grant("dave", 1_000, key="start:dave", memo="", created_at=1.0)
         job: JobRecord = await first.create_job(META, INPUTS, options("dave"))
         await run_tasks(first, ("alice", "bob"), limit=1)
         assert first.budget.reserved("dave") == COST * 2 // 3
     finally:
-        await first.store.close()
+        await first.stop()
 
     # Execute
-    second = coordinator(url, tmp_path)
+    second = await coordinator(url, tmp_path)
     try:
         await second._restore()
 
@@ -137,4 +141,4 @@ async def test_a_restart_reserves_what_the_open_tasks_can_still_cost(tmp_path: P
         assert second.budget.reserved("dave") == 0
         assert await second.store.account_balance("dave") == 1_000 - COST
     finally:
-        await second.store.close()
+        await second.stop()
