@@ -5,12 +5,18 @@ The factory imports the implementations and they import the interface, never the
 from __future__ import annotations
 
 from .memory_store import MemoryStore
+from .postgres_store import PostgresStore
 from .sqlite_store import SQLiteStore
 from .store import CoordinatorStore, StoreError
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
 
 def open_store(url: str) -> CoordinatorStore:
-    """`memory` or `sqlite:///relative.db` / `sqlite:////abs/path.db` (SQLAlchemy-style)."""
+    """`memory`; `sqlite:///relative.db` / `sqlite:////abs/path.db` (SQLAlchemy-style); or
+    `postgresql://USER@HOST:PORT/DB` (also `postgres://`), with libpq's parameters: a password from
+    the PGPASSWORD environment variable (keeps it off the command line) or `USER:PASSWORD@`, a
+    schema by `?options=-csearch_path%3DNAME`. A PostgreSQL store connects on first use."""
     if url in ("memory", ":memory:", "memory://"):
         return MemoryStore()
     if url.startswith("sqlite:///"):
@@ -18,5 +24,10 @@ def open_store(url: str) -> CoordinatorStore:
         if not path:
             raise StoreError("sqlite URL needs a path: sqlite:////abs/path/ledger.db")
         return SQLiteStore(path)
-    raise StoreError(f"unsupported --db {url!r}: use sqlite:////abs/path/ledger.db or memory "
-                     "(PostgreSQL arrives with the auditable ledger)")
+    if url.startswith(POSTGRES_SCHEMES):
+        if not url.split("://", 1)[1].split("?", 1)[0].strip("/"):
+            raise StoreError("a PostgreSQL URL names a server and a database: postgresql://USER@HOST:PORT/DB")
+        return PostgresStore(url)
+    shown = url.split("://", 1)[0] + "://..." if "://" in url else url  # a URL may hold a password
+    raise StoreError(f"unsupported --db {shown!r}: use sqlite:////abs/path/ledger.db, postgresql://USER@HOST:PORT/DB "
+                     "or memory")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -14,9 +13,9 @@ from coordinator.store import CoordinatorStore
 from coordinator.store_factory import open_store
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CoordinatorStore]:
-    s = open_store("memory" if request.param == "memory" else f"sqlite:///{tmp_path}/c.db")
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[CoordinatorStore]:
+    s = open_store(store_url)
     yield s
     await s.close()
 
@@ -42,8 +41,8 @@ async def test_saving_again_replaces_by_key(store: CoordinatorStore) -> None:
     assert await store.load_accounts() == ([blocked], [renewed], [used])
 
 
-async def test_sqlite_accounts_survive_reopening(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/c.db"
+async def test_accounts_survive_reopening(durable_url: str) -> None:
+    url = durable_url
     s = open_store(url)
     await s.save_accounts(accounts=[ALICE], nodes=[NODE])
     await s.close()

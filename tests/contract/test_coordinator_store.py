@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,9 +31,9 @@ META = {"model": "a" * 64, "flops_per_row": 10,
         "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 2]}]}
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CoordinatorStore]:
-    s = open_store("memory" if request.param == "memory" else f"sqlite:///{tmp_path}/c.db")
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[CoordinatorStore]:
+    s = open_store(store_url)
     yield s
     await s.close()
 
@@ -159,8 +158,8 @@ async def test_finished_jobs_load_with_their_state_and_no_open_tasks(store: Coor
     assert await store.canonical_digests(job.spec.id) == [None, None]
 
 
-async def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/c.db"
+async def test_state_survives_reopening(durable_url: str) -> None:
+    url = durable_url
     s = open_store(url)
     job, tasks, blobs = new_job()
     await s.create_job(job, tasks, blobs)
@@ -435,8 +434,8 @@ async def test_a_reopened_job_loads_running_with_the_task_open_and_fresh(store: 
     assert [lv.id for lv in snap.live_leases] == [f"{t0}-b"]
 
 
-async def test_a_reopened_job_is_running_after_reopening_the_database(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/c.db"
+async def test_a_reopened_job_is_running_after_reopening_the_database(durable_url: str) -> None:
+    url = durable_url
     s = open_store(url)
     try:
         jid, t0, t1, first = await submitted_and_verified(s)

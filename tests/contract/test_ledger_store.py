@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
-from contextlib import closing, contextmanager
+from contextlib import AsyncExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from ledger.entries import (
 )
 from ledger.errors import LedgerError, StorageError, StoreClosed
 from ledger.factory import open_ledger
+from ledger.postgres import PostgresLedgerStore
 from ledger.sqlite import (
     SQLiteLedgerStore,
     create_schema,
@@ -38,6 +39,8 @@ from ledger.sqlite import (
     read_size,
 )
 from ledger.store import InMemoryLedgerStore, LedgerStore
+from tests.conftest import require_service
+from tests.postgres import HOST, PORT, fresh_schema
 
 DIGEST = "ab" * 32
 
@@ -52,10 +55,14 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'ledger.db'}"  # tmp_path is absolute: sqlite:////tmp/...
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LedgerStore]:
-    url = "memory" if request.param == "memory" else sqlite_url(tmp_path)
-    async with open_ledger(url) as store:
+def open_any(url: str) -> LedgerStore:
+    """`open_ledger`, or the PostgreSQL store for a postgresql:// URL (which the factory does not take yet)."""
+    return PostgresLedgerStore(url) if url.startswith("postgresql://") else open_ledger(url)
+
+
+@pytest.fixture
+async def ledger(store_url: str) -> AsyncIterator[LedgerStore]:
+    async with open_any(store_url) as store:
         yield store
 
 
@@ -440,28 +447,34 @@ class _Model:
         return sum(r.amount for verdict in self.standing.values() for r in verdict if isinstance(r, Credit))
 
 
-@pytest.mark.parametrize("url", ["memory", "sqlite://"])
+@pytest.mark.parametrize("url", ["memory", "sqlite://", "postgres"])
 @settings(max_examples=60, deadline=None)
 @given(batches=_Ops.batches)
 def test_account_balances_always_add_up_to_what_was_granted(url: str, batches: list[list[tuple[Any, ...]]]) -> None:
     """The conservation law, over random sequences of grants, verified tasks and reopened tasks."""
+    if url == "postgres":
+        require_service("PostgreSQL", HOST, PORT)
 
     async def run() -> None:
-        model = _Model()
-        async with open_ledger(url) as store:
-            for batch in batches:
-                records = [r for op in batch for r in model.records(op)]
-                await store.append(records)
+        async with AsyncExitStack() as stack:
+            where = await stack.enter_async_context(fresh_schema()) if url == "postgres" else url
+            await check(await stack.enter_async_context(open_any(where)))
 
-                balances = await store.balances()
-                assert sum(a.balance for a in balances.accounts) == balances.total_granted
-                assert balances.total_credits == model.standing_credits()  # net of clawbacks
-                for row in balances.accounts:
-                    history = await store.account_history(row.account)
-                    assert await store.account_balance(row.account) == row.balance == sum(e.delta for e in history)
-            entries = await store.entries(limit=10_000)
-            assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
-            assert len({e.record.unique_key for e in entries}) == len(entries)
+    async def check(store: LedgerStore) -> None:
+        model = _Model()
+        for batch in batches:
+            records = [r for op in batch for r in model.records(op)]
+            await store.append(records)
+
+            balances = await store.balances()
+            assert sum(a.balance for a in balances.accounts) == balances.total_granted
+            assert balances.total_credits == model.standing_credits()  # net of clawbacks
+            for row in balances.accounts:
+                history = await store.account_history(row.account)
+                assert await store.account_balance(row.account) == row.balance == sum(e.delta for e in history)
+        entries = await store.entries(limit=10_000)
+        assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+        assert len({e.record.unique_key for e in entries}) == len(entries)
 
     asyncio.run(run())
 

@@ -33,9 +33,9 @@ from .test_coordinator_store import META, accepted_ops, documents, lease, verdic
 Planned = tuple[JobRecord, list[TaskRecord], dict[str, bytes]]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CoordinatorStore]:
-    s = open_store("memory" if request.param == "memory" else f"sqlite:///{tmp_path}/c.db")
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[CoordinatorStore]:
+    s = open_store(store_url)
     yield s
     await s.close()
 

@@ -43,11 +43,12 @@ class Network:
     def db(self) -> Path:
         return self.tmp / "coordinator.db"
 
-    def start_coordinator(self, *extra: str) -> ManagedProcess:
+    def start_coordinator(self, *extra: str, db_url: str | None = None) -> ManagedProcess:
+        """On the temporary SQLite database, or on `db_url` (e.g. a PostgreSQL schema of the test's own)."""
         self.coordinator = self.group.start(
             "coordinator",
-            ["--broker", self.broker_url, "--db", f"sqlite:///{self.db}", "--http", f"127.0.0.1:{self.http_port}",
-             *extra],
+            ["--broker", self.broker_url, "--db", db_url or f"sqlite:///{self.db}",
+             "--http", f"127.0.0.1:{self.http_port}", *extra],
             ready=r"coordinator ready", timeout=READY_TIMEOUT, name="coordinator")
         return self.coordinator
 

@@ -6,6 +6,7 @@ config file (deploy/node.toml, mounted) and SPARECYCLES_NODE_* variables, read b
 from __future__ import annotations
 
 import asyncio
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +18,8 @@ import yaml
 from node.config import NodeConfig, load
 from sparecycles.cli.processes import ProcessGroup, free_port
 from tests import models
+from tests.conftest import require_service
+from tests.postgres import HOST, PORT, fresh_schema_sync
 
 from .dynsec import running_dynsec_broker
 from .network import submitter
@@ -99,6 +102,21 @@ def test_compose_broker_is_access_controlled_and_initialised_first() -> None:
     assert "SPARECYCLES_BROKER_ADMIN" in SERVICES["coordinator"]["environment"]
 
 
+def test_compose_database_is_private_and_needs_a_password() -> None:
+    # Attack: anyone who reaches the database edits the ledger in place. It publishes no port, its
+    # password is required (no trust auth), and the coordinator takes it from the environment, so
+    # it is neither in the file nor in the coordinator's command line (visible to every user in `ps`).
+    postgres, coordinator = SERVICES["postgres"], SERVICES["coordinator"]
+    db = urlsplit(flag(coordinator["command"], "--db"))
+    assert db.scheme == "postgresql" and db.hostname == "postgres" and db.password is None
+    assert "ports" not in postgres and "POSTGRES_HOST_AUTH_METHOD" not in postgres["environment"]
+    assert postgres["environment"]["POSTGRES_PASSWORD"].startswith("${SPARECYCLES_DB_PASSWORD:?")
+    assert coordinator["environment"]["PGPASSWORD"] == postgres["environment"]["POSTGRES_PASSWORD"]
+    assert postgres["environment"]["POSTGRES_USER"] == db.username
+    assert postgres["environment"]["POSTGRES_DB"] == db.path.lstrip("/")
+    assert coordinator["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
 @pytest.mark.integration
 def test_the_compose_layout_runs_as_real_processes(tmp_path: Path, mosquitto_binary: str) -> None:
     """The compose file's services as processes: the access-controlled broker from
@@ -106,13 +124,16 @@ def test_the_compose_layout_runs_as_real_processes(tmp_path: Path, mosquitto_bin
     broker admin from the environment as compose passes it, and the two nodes, which get their
     broker logins from the coordinator."""
     http_port = free_port()
-    with running_dynsec_broker(tmp_path, mosquitto=mosquitto_binary) as broker, \
+    require_service("PostgreSQL", HOST, PORT)
+    with ExitStack() as stack, running_dynsec_broker(tmp_path, mosquitto=mosquitto_binary) as broker, \
             ProcessGroup(tmp_path / "logs") as group:
 
         mapping = {"mqtt://mosquitto:1883": f"mqtt://127.0.0.1:{broker.port}",
                    "http://coordinator:8080": f"http://127.0.0.1:{http_port}",
                    "0.0.0.0:8080": f"127.0.0.1:{http_port}",
-                   "sqlite:////data/coordinator.db": f"sqlite:///{tmp_path}/coordinator.db"}
+                   # the compose database, as a schema of its own on the shared test server
+                   flag(SERVICES["coordinator"]["command"], "--db"): stack.enter_context(fresh_schema_sync()),
+                   "/data/coordinator.key": str(tmp_path / "coordinator.key")}
 
         def local(command: list[str]) -> list[str]:
             return [mapping.get(a, a) for a in command[2:]]
