@@ -87,7 +87,8 @@ def start_network(group: ProcessGroup, tmp: Path, coordinator_args: list[str]) -
     for owner in ("alice", "bob"):
         group.start("node", ["--broker", broker, "--coordinator", url, "--key", str(tmp / f"{owner}.key"),
                              "--owner", owner, "--slots", "1", "--cache-dir", str(tmp / owner),
-                             "--log-level", "WARNING"], ready=r"node ready", name=f"node-{owner}")
+                             "--log-level", "WARNING", "--idle-only", "false"],  # one machine: see tests/conftest.py
+                    ready=r"node ready", name=f"node-{owner}")
     return url, broker_port
 
 

@@ -77,6 +77,14 @@ OPTIONS: tuple[Option, ...] = (
            "task", scale=MIB, bounds=(1, 1 << 30), metavar="MB"),
     Option("max_run_seconds", float, "max_run_seconds", "no run takes longer; below it each model's limit follows "
            "its measured speed", bounds=(0.001, 86400 * 7), metavar="S"),
+    Option("idle_only", bool, "idle_only", "compute only while the machine is spare (other processes' CPU, user "
+           "input, battery); false on a dedicated server", metavar="true|false"),
+    Option("max_other_cpu_percent", float, "max_other_cpu_percent", "suspend when other processes use more "
+           "than this share of the machine", bounds=(0, 100), metavar="PCT"),
+    Option("resume_after_seconds", float, "resume_after_seconds", "how long the machine must stay spare before "
+           "the node resumes", bounds=(0, 86400), metavar="S"),
+    Option("cpu_cap_percent", float, "cpu_cap_percent", "share of each slot's core the runs may use (100: no "
+           "cap)", bounds=(1, 100), metavar="PCT"),
     Option("nice", int, "nice", "scheduling niceness of the run workers, 0..19 (19: lowest priority)",
            bounds=(0, 19), metavar="N"),
     Option("log_level", str, None, "DEBUG shows every message; INFO only state changes, joins, refusals and "
@@ -137,7 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default //= o.scale
         shown = "" if default is None or o.key in ("owner", "slots") else f" (default: {default})"
         parser.add_argument(f"--{o.key.replace('_', '-')}", dest=o.key, default=None, metavar=o.metavar,
-                            type=str.upper if o.choices else o.kind, choices=o.choices,
+                            type=str.upper if o.choices else _bool_flag if o.kind is bool else o.kind,
+                            choices=o.choices,
                             help=f"{o.help}{shown}")
 
 
@@ -231,6 +240,14 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
             continue
         values[key] = _checked(option, _parse(option, text, name), name)
     return values
+
+
+def _bool_flag(text: str) -> bool:
+    """argparse's `type=bool` would read "false" as True (a non-empty string)."""
+    try:
+        return bool(_parse(Option("flag", bool, None), text, "the flag"))
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
 
 
 def _parse(option: Option, text: str, where: str) -> Any:

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from protocol.errors import PeerError
 from protocol.messages import Assignment, Result
+from protocol.sandbox import MAX_BATCH
 from protocol.tensors import Tensor, digest_tensors, encode_tensor_map, encoded_size_bound, tensors_from_arrays
 
 from . import api
@@ -25,7 +26,7 @@ from .cache import ModelCache
 from .errors import NodeError, TaskFailed
 from .logs import kv
 from .membership import RequestSigner
-from .runner import Runner
+from .runner import RunInterrupted, Runner
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ class Pipeline:
         self._attempts = fetch_attempts
         self._filter = output_filter
         self._clock = clock
-        self._slots = asyncio.Semaphore(runner.slots)
+        # Several runs per slot may be handed to the runner at once: it sends them to a worker
+        # together (protocol/sandbox.py), which is what makes small tasks cheap.
+        self._slots = asyncio.Semaphore(runner.slots * MAX_BATCH)
         self.started: set[str] = set()
         """Leases whose run has begun: on drain these finish, the rest are released."""
 
@@ -104,7 +107,10 @@ class Pipeline:
                 if left <= 0:
                     raise NotRun("lease expired before a slot was free")
                 self.started.add(a.lease)
-                outcome = await self._runner.run(path, a.model, a.opt_level, inputs, lease_seconds=left)
+                try:
+                    outcome = await self._runner.run(path, a.model, a.opt_level, inputs, lease_seconds=left)
+                except RunInterrupted as exc:
+                    raise NotRun(exc.args[0]) from exc
         tensors = outcome.outputs
         if self._filter is not None:
             try:

@@ -21,6 +21,7 @@ benchmark keeps its cost in view (benchmarks/bench_network.py).
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,16 @@ from protocol.runrecipe import runtime_fingerprint
 from protocol.sandbox import SandboxPool
 from protocol.tensors import Tensor
 
-from .errors import TaskFailed
+from .errors import NodeError, TaskFailed
 
-__all__ = ["RunOutcome", "Runner", "runtime_fingerprint"]
+__all__ = ["RunInterrupted", "RunOutcome", "Runner", "runtime_fingerprint"]
 
 LEASE_MARGIN_SECONDS = 1.0
+
+
+class RunInterrupted(NodeError):
+    """The node stopped the run itself (suspended for its owner): the lease goes back, unrun, and
+    counts against nobody."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,10 @@ class Runner:
         # job with longer sequences on a dynamic axis is not mistaken for a tiny one. It rises at
         # once when a run is slower and decays slowly, so one fast run cannot shrink the limit.
         self._seconds_per_element: dict[tuple[str, int], float] = {}
+        self.paused = False
+        self._interruptions = 0  # pauses and abandons so far: a run that saw one ended by our hand
+        self.cpu_share = 1.0
+        """The share of a core the workers get (a duty-cycled CPU cap): time limits stretch by 1/share."""
 
     @property
     def busy(self) -> int:
@@ -89,6 +99,7 @@ class Runner:
             limit = max(lim.min_run_seconds, lim.run_factor * per_element * elements)
             if load:
                 limit += lim.load_seconds
+        limit /= self.cpu_share
         if lease_seconds is not None:
             # Stopped a little before the lease ends, so that the error reaches the coordinator
             # while the lease is live: a late report is refused, and the task would wait for a
@@ -102,8 +113,11 @@ class Runner:
         """Run every row as one batch: a task is never re-split, because rows run alone can differ
         from rows run inside a batch by more than the agreement tolerance (DESIGN.md §4).
         `lease_seconds`: how long the lease has left. Raises `TaskFailed` with a reason."""
+        if self.paused:
+            raise RunInterrupted("the node is suspended")
         key = (digest, opt_level)
         elements = max(1, sum(_elements(t) for t in inputs.values()))
+        interruptions = self._interruptions
 
         def limit(load: bool) -> float:
             return self.time_limit(digest, opt_level, elements, load=load, lease_seconds=lease_seconds)
@@ -114,6 +128,8 @@ class Runner:
         outcome = await self._pool.run(model_bytes, digest, inputs, opt_level, seconds=limit,
                                        memory_bytes=self.limits.memory_bytes)
         if outcome.problem is not None:
+            if self._interruptions != interruptions and outcome.problem in (sandbox.TIMEOUT, sandbox.CRASHED):
+                raise RunInterrupted("the node was suspended during the run")
             raise TaskFailed(_reason(outcome, self.limits))
         assert outcome.outputs is not None
         seen = outcome.run_seconds / elements
@@ -121,6 +137,22 @@ class Runner:
         self._seconds_per_element[key] = (seen if per_element is None or seen > per_element
                                           else 0.8 * per_element + 0.2 * seen)
         return RunOutcome(outcome.outputs, outcome.run_seconds)
+
+    def pause(self) -> None:
+        """Stop every worker where it is (SIGSTOP): nothing computes until `resume`."""
+        self.paused = True
+        self._interruptions += 1
+        self._pool.signal_all(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._pool.signal_all(signal.SIGCONT)
+
+    async def abandon(self) -> None:
+        """Kill the workers (their runs raise `RunInterrupted`) and give their memory back."""
+        self._interruptions += 1
+        await self._pool.kill_all()
 
     async def close(self) -> None:
         """Kill the workers by PID: a run past the drain deadline is abandoned, not awaited."""

@@ -96,6 +96,18 @@ class NodeSettings:
     """No run takes longer; within it, a model's limit follows its measured speed here."""
     worker_idle_seconds: float = 60.0
     """A slot's worker process stops after this long without work, giving its memory back."""
+    idle_only: bool = True
+    """Compute only while the machine is spare (the conditions below); false on a dedicated server."""
+    max_other_cpu_percent: float = 25.0
+    """Suspend when other processes use more than this share of the whole machine."""
+    user_idle_minutes: float = 3.0
+    """Suspend while the user typed or moved the mouse this recently (where the platform can tell:
+    an X display with xprintidle; a headless server has no such condition). 0 turns it off."""
+    run_on_battery: bool = False
+    resume_after_seconds: float = 30.0
+    """How long the machine must stay spare before the node resumes (hysteresis)."""
+    cpu_cap_percent: float = 100.0
+    """Share of each slot's core the runs may use, by pausing and continuing them (100: no cap)."""
     nice: int = 19
     """Scheduling niceness of the run workers: the machine's owner comes first."""
     owner_key_path: Path | None = None
@@ -125,6 +137,10 @@ class NodeSettings:
             raise ValueError("fetch_attempts and sessions_per_slot must be at least 1")
         if self.run_memory_bytes < 1 << 20 or self.max_run_seconds <= 0 or self.worker_idle_seconds <= 0:
             raise ValueError("run memory must be at least 1 MiB, run and idle times positive")
+        if not 0 < self.cpu_cap_percent <= 100 or not 0 < self.max_other_cpu_percent <= 100:
+            raise ValueError("cpu_cap_percent and max_other_cpu_percent must be in (0, 100]")
+        if self.user_idle_minutes < 0 or self.resume_after_seconds < 0:
+            raise ValueError("user_idle_minutes and resume_after_seconds must not be negative")
         if not 0 <= self.nice <= 19:
             raise ValueError("nice must be 0..19")
 

@@ -29,6 +29,8 @@ from . import batching
 from .api import CoordinatorInfo, fetch_info
 from .cache import ModelCache
 from .execute import NotRun, OutputFilter, Pipeline, failed
+from .governor import Governor, GovernorSettings
+from .idleness import Decision, IdlePolicy
 from .link import BrokerLink, new_client
 from .logs import kv
 from .membership import Registration, RequestSigner, join
@@ -133,13 +135,23 @@ class Node:
         self._rng = random.Random()
         self._idle_mark = (0.0, 0)  # (since when, assignments then): to explain "why no work"
         self.status = (status or StatusBoard(settings=settings)).attach(self)  # status hook
+        self._expires: dict[str, float] = {}  # lease -> its end (wall clock), for the governor
+        runner.cpu_share = settings.cpu_cap_percent / 100
+        self.governor = Governor(
+            GovernorSettings(idle_only=settings.idle_only, cpu_cap=settings.cpu_cap_percent / 100,
+                             policy=IdlePolicy(max_other_cpu_percent=settings.max_other_cpu_percent,
+                                               min_user_idle_seconds=settings.user_idle_minutes * 60 or None,
+                                               allow_on_battery=settings.run_on_battery,
+                                               resume_after_seconds=settings.resume_after_seconds)),
+            runner, on_change=self._on_idleness, lease_ends=self._running_lease_ends)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         loops = [asyncio.create_task(self._connection_loop(), name="mqtt"),
                  asyncio.create_task(self._pull_loop(), name="pull"),
-                 asyncio.create_task(self.outbox.run(self.link), name="outbox")]
+                 asyncio.create_task(self.outbox.run(self.link), name="outbox"),
+                 asyncio.create_task(self.governor.run(), name="governor")]
         stopped = asyncio.create_task(stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([*loops, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -278,13 +290,15 @@ class Node:
                 self._seen.popitem(last=False)
             if a.expires_at <= now:
                 expired.append(a.lease)
-            elif self.draining or len(self.held) >= max(self.capacity, self._announced):
+            elif self.draining or self.governor.suspended or len(self.held) >= max(self.capacity, self._announced):
                 refused.append(a.lease)
             else:
                 self.counters["assigned"] += 1
                 self.held[a.lease] = asyncio.create_task(self._work(a), name=f"task-{a.lease}")
+                self._expires[a.lease] = a.expires_at
         self.outbox.release(expired, "expired on arrival")
-        self.outbox.release(refused, "node shutting down" if self.draining else "over capacity")
+        self.outbox.release(refused, "node shutting down" if self.draining else
+                            "node suspended" if self.governor.suspended else "over capacity")
         self.status.refresh()  # status hook
         if log.isEnabledFor(logging.DEBUG):
             log.debug(kv("assignments", received=len(items), held=len(self.held), expired=len(expired),
@@ -304,6 +318,7 @@ class Node:
                 self._observe(result.elapsed)
         finally:
             self.held.pop(a.lease, None)
+            self._expires.pop(a.lease, None)
             self.pipeline.started.discard(a.lease)
             self._changed.set()
             self.status.refresh()  # status hook
@@ -314,10 +329,30 @@ class Node:
     def capacity(self) -> int:
         """Leases held at most (running + queued): `--prefetch` if given, else adapted to how long
         tasks take here (see batching.adaptive_prefetch)."""
+        if self.governor.suspended:
+            return 0
         prefetch = self.settings.prefetch
         if prefetch is None:
             prefetch = batching.adaptive_prefetch(slots=self.settings.slots, task_seconds=self._task_seconds)
         return self.settings.slots + prefetch
+
+    def _on_idleness(self, decision: Decision) -> None:
+        """The governor suspended or resumed the node: say so, ask for nothing (or again), and hand
+        back the work not started (the coordinator gives it to a node whose machine is spare)."""
+        if decision.running:
+            self.status.clear(NodeState.SUSPENDED)
+        else:
+            self.status.set_state(NodeState.SUSPENDED, decision.reason.removeprefix("suspended: "))
+            unstarted = [lease for lease in self.held if lease not in self.pipeline.started]
+            if unstarted:
+                asyncio.get_running_loop().create_task(self._cancel_and_release(unstarted, "node suspended"))
+        self._force_request = True
+        self._changed.set()
+
+    def _running_lease_ends(self) -> list[float]:
+        """The running leases' ends on the loop's clock (the governor's)."""
+        offset = asyncio.get_running_loop().time() - time.time()
+        return [self._expires[lease] + offset for lease in self.pipeline.started if lease in self._expires]
 
     def _observe(self, elapsed: float) -> None:
         before = self.capacity

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import resource
@@ -25,7 +26,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ from .tensors import Tensor, tensors_from_arrays, tensors_from_wire, tensors_to_
 log = logging.getLogger("sparecycles.sandbox")
 
 _HEADER = struct.Struct("<Q")
+PIPE_BYTES = 1 << 20
+MAX_BATCH = 32  # runs sent to a worker in one frame
+MAX_BATCH_BYTES = 4 << 20  # of inputs: a big task goes alone, so that small ones are not held behind many
 _ROOT = str(Path(__file__).resolve().parents[1])  # where the child finds `protocol`
 
 # What went wrong, as a short fixed word the caller turns into its own sentence. Raw runtime text
@@ -86,6 +90,20 @@ async def _hashes_to(data: bytes, digest: str) -> bool:
     return sha256_hex(data) == digest
 
 
+_Result = tuple[dict[str, Tensor] | None, str | None, float, str]  # outputs, problem, run seconds, detail
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    model: ModelBytes
+    digest: str
+    inputs: Mapping[str, Tensor] | None
+    opt_level: int
+    memory_bytes: int
+    seconds: float | Callable[[bool], float]
+    future: asyncio.Future[Outcome]
+
+
 @dataclass(slots=True)
 class _Worker:
     proc: asyncio.subprocess.Process
@@ -114,9 +132,10 @@ class SandboxPool:
         self.max_output_bytes = max_output_bytes
         self.name = name
         self._slots: list[_Worker | None] = [None] * workers
-        self._idle: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(workers):
-            self._idle.put_nowait(i)
+        self._queue: deque[_Job] = deque()  # runs waiting for a free worker
+        self._drivers: set[asyncio.Task[None]] = set()  # one per busy slot: a batch in flight
+        self._batches: dict[int, tuple[list[_Job], asyncio.Task[None]]] = {}  # slot -> its batch and driver
+        self._running: dict[int, _Job] = {}  # slot -> the run its worker is on now
         self._busy: set[int] = set()
         self._pending = 0
         self._closed = False
@@ -152,66 +171,140 @@ class SandboxPool:
         what the worker maps already (plus 4x the model's size when it loads it); `seconds`: its
         wall-clock limit, or a function of whether the model must be loaded first. `inputs` None:
         load the model only. Never raises (except on cancellation): every failure is an `Outcome`
-        with a `problem`."""
-        self._pending += 1
-        try:
-            slot = await self._idle.get()
-            self._busy.add(slot)
-            try:
-                start = time.perf_counter()
-                try:
-                    outputs, problem, run_s, detail = await self._run(slot, model, digest, inputs, opt_level,
-                                                                      memory_bytes, seconds)
-                except Exception as exc:  # our bug, not the model's: logged, and the caller goes on
-                    log.exception("%s: run of model %s failed", self.name, digest[:12])
-                    outputs, problem, run_s, detail = None, INTERNAL, 0.0, repr(exc)
-                return Outcome(outputs, problem, run_s, time.perf_counter() - start, detail)
-            finally:
-                worker = self._slots[slot]
-                if worker is not None:
-                    worker.last_used = time.monotonic()
-                self._busy.discard(slot)
-                self._idle.put_nowait(slot)
-                self._arm_reaper()
-        finally:
-            self._pending -= 1
+        with a `problem`.
 
-    async def _run(self, slot: int, model: ModelBytes, digest: str, inputs: Mapping[str, Tensor] | None, opt_level: int,
-                   memory_bytes: int, seconds: float | Callable[[bool], float]
-                   ) -> tuple[dict[str, Tensor] | None, str | None, float, str]:
+        Runs queued together go to a free worker in one frame (at most `MAX_BATCH`), and the worker
+        answers each as soon as it has run it: a round trip to a process costs more than a tiny
+        model's run, so many small tasks pay for one. Each run keeps its own time limit."""
         if self._closed:
-            return None, CLOSED, 0.0, "the pool is closed"
+            return Outcome(None, CLOSED, 0.0, 0.0, "the pool is closed")
         if opt_level not in OPT_LEVEL_NAMES:
-            return None, MODEL, 0.0, f"unknown optimisation level {opt_level}"
-        request: dict[str, Any] = {"model": digest, "opt": opt_level, "budget": memory_bytes,
-                                   "inputs": None if inputs is None else tensors_to_wire(inputs), "bytes": None}
-        for _ in range(2):  # a second time only if the worker died while idle, before it read the request
+            return Outcome(None, MODEL, 0.0, 0.0, f"unknown optimisation level {opt_level}")
+        job = _Job(model, digest, inputs, opt_level, memory_bytes, seconds, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        self._pending += 1
+        self._dispatch()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            if job in self._queue:  # not sent yet: it never runs
+                self._queue.remove(job)
+                self._pending -= 1
+            else:
+                await self._abandon(job)
+            raise
+
+    async def _abandon(self, job: _Job) -> None:
+        """A caller gave up on a run already handed to a worker: stop what no caller waits for (a
+        hung model would otherwise hold the worker until its time limit)."""
+        for slot, (batch, driver) in list(self._batches.items()):
+            if job not in batch:
+                continue
+            if all(j.future.done() for j in batch):  # nobody waits for any of them
+                driver.cancel()
+                await asyncio.gather(driver, return_exceptions=True)
+            elif self._running.get(slot) is job:  # the others are sent again to a new worker
+                await self._stop(slot)
+            return
+
+    def _dispatch(self) -> None:
+        for slot in range(len(self._slots)):
+            if not self._queue:
+                return
+            if slot in self._busy:
+                continue
+            batch: list[_Job] = []
+            size = 0
+            while self._queue and len(batch) < MAX_BATCH and (not batch or size < MAX_BATCH_BYTES):
+                job = self._queue.popleft()
+                batch.append(job)
+                size += sum(len(t.data) for t in (job.inputs or {}).values())
+            self._busy.add(slot)
+            driver = asyncio.get_running_loop().create_task(self._drive(slot, batch), name=f"{self.name}-{slot}")
+            self._drivers.add(driver)
+            driver.add_done_callback(self._drivers.discard)
+            self._batches[slot] = (batch, driver)
+
+    async def _drive(self, slot: int, batch: list[_Job]) -> None:
+        start, count = time.perf_counter(), len(batch)
+        try:
+            while batch:
+                done, batch = await self._run_batch(slot, batch)
+                for job, (outputs, problem, run_s, detail) in done:
+                    if not job.future.done():
+                        job.future.set_result(Outcome(outputs, problem, run_s, time.perf_counter() - start, detail))
+        except Exception as exc:  # our bug, not a model's: logged, and the callers go on
+            log.exception("%s: a batch of %d runs failed", self.name, len(batch))
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_result(Outcome(None, INTERNAL, 0.0, time.perf_counter() - start, repr(exc)))
+        finally:
+            for job in batch:  # cancelled: the pool is closing
+                if not job.future.done():
+                    job.future.set_result(Outcome(None, CLOSED, 0.0, 0.0, "the pool closed"))
+            worker = self._slots[slot]
+            if worker is not None:
+                worker.last_used = time.monotonic()
+            self._batches.pop(slot, None)
+            self._running.pop(slot, None)
+            self._pending -= count
+            self._busy.discard(slot)
+            if not self._closed:
+                self._arm_reaper()
+                self._dispatch()
+
+    async def _run_batch(self, slot: int, jobs: list[_Job]) -> tuple[list[tuple[_Job, _Result]], list[_Job]]:
+        """Send `jobs` to the slot's worker; the answered ones, and those to send again (not run:
+        a run before them brought the worker down)."""
+        for _ in range(2):  # a second time only if the worker died while idle, before it read the frame
             worker = self._slots[slot]
             if worker is None or worker.proc.returncode is not None:
                 await self._stop(slot)
                 worker = await self._start(slot)
                 if worker is None:
-                    return None, NOT_STARTED, 0.0, "the worker did not start"
-            key = (digest, opt_level)
-            if key not in worker.loaded:
-                data = model if isinstance(model, bytes) else await model()
-                if not await _hashes_to(data, digest):
-                    # The session would be cached under the digest and answer for another model.
-                    return None, INTERNAL, 0.0, f"the bytes given for model {digest[:12]} do not hash to it"
-                request["bytes"] = data
-                request["budget"] = memory_bytes + 4 * len(data)  # its weights, several copies while loading
-            limit = seconds(key not in worker.loaded) if callable(seconds) else seconds
+                    return [(job, (None, NOT_STARTED, 0.0, "the worker did not start")) for job in jobs], []
+            done: list[tuple[_Job, _Result]] = []
+            sent: list[tuple[_Job, dict[str, Any], float]] = []
+            loading = set(worker.loaded)
+            for job in jobs:
+                key = (job.digest, job.opt_level)
+                request: dict[str, Any] = {"model": job.digest, "opt": job.opt_level, "budget": job.memory_bytes,
+                                           "inputs": None if job.inputs is None else tensors_to_wire(job.inputs),
+                                           "bytes": None}
+                load = key not in loading
+                if load:
+                    data = job.model if isinstance(job.model, bytes) else await job.model()
+                    if not await _hashes_to(data, job.digest):
+                        # The session would be cached under the digest and answer for another model.
+                        done.append((job, (None, INTERNAL, 0.0, f"the bytes given for model {job.digest[:12]} "
+                                                                "do not hash to it")))
+                        continue
+                    request["bytes"] = data
+                    request["budget"] = job.memory_bytes + 4 * len(data)  # its weights, copies while loading
+                    loading.add(key)
+                limit = job.seconds(load) if callable(job.seconds) else job.seconds
+                sent.append((job, request, limit))
+            if not sent:
+                return done, []
             try:
-                return await self._attempt(slot, worker, request, limit)
+                answered, failure = await self._attempt(slot, worker, sent)
             except _WorkerGone:
                 log.warning("%s worker %d was gone before it read a request: starting another",
                             self.name, worker.proc.pid)
                 await self._stop(slot)
-        return None, CRASHED, 0.0, "two workers died before reading the request"
+                continue
+            done += answered
+            rest = [job for job, _, _ in sent[len(answered) + (failure is not None):]]
+            if failure is not None:
+                done.append((sent[len(answered)][0], failure))
+            return done, rest
+        return [(job, (None, CRASHED, 0.0, "two workers died before reading the request")) for job in jobs], []
 
-    async def _attempt(self, slot: int, worker: _Worker, request: dict[str, Any], limit: float
-                       ) -> tuple[dict[str, Tensor] | None, str | None, float, str]:
-        pid, model = worker.proc.pid, request["model"][:12]
+    async def _attempt(self, slot: int, worker: _Worker, sent: list[tuple[_Job, dict[str, Any], float]]
+                       ) -> tuple[list[tuple[_Job, _Result]], _Result | None]:
+        """The answers in order, up to the first run that ended the worker (and what it did)."""
+        pid = worker.proc.pid
+        answered: list[tuple[_Job, _Result]] = []
         expired = False
 
         def expire() -> None:  # a timer rather than wait_for: no task per run on the hot path
@@ -220,45 +313,57 @@ class SandboxPool:
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
 
-        timer = asyncio.get_running_loop().call_later(limit, expire)
+        loop = asyncio.get_running_loop()
         try:
-            reply = await self._call(worker, request)
-        except (_WorkerGone, asyncio.IncompleteReadError, ConnectionError) as exc:
-            if not expired and isinstance(exc, _WorkerGone):
-                raise
-            await self._stop(slot)
-            if expired:
-                return None, TIMEOUT, 0.0, f"killed worker {pid} after {limit:.1f} s running model {model}"
-            return None, CRASHED, 0.0, f"worker {pid} died (exit {worker.proc.returncode}) on model {model}: {exc!r}"
+            await self._send(worker, {"batch": [request for _, request, _ in sent]})
+            for job, _, limit in sent:
+                model = job.digest[:12]
+                self._running[slot] = job
+                timer = loop.call_later(limit, expire)
+                try:
+                    reply = await self._receive(worker)
+                except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                    await self._stop(slot)
+                    if expired:
+                        return answered, (None, TIMEOUT, 0.0, f"killed worker {pid} after {limit:.1f} s, model {model}")
+                    return answered, (None, CRASHED, 0.0,
+                                      f"worker {pid} died (exit {worker.proc.returncode}) on model {model}: {exc!r}")
+                finally:
+                    timer.cancel()
+                if expired:  # the reply beat the kill by a hair: the worker is dead all the same
+                    await self._stop(slot)
+                    return answered, (None, TIMEOUT, 0.0, f"killed worker {pid} after {limit:.1f} s on model {model}")
+                worker.loaded = {(str(d), int(o)) for d, o in reply.get("loaded", ())}
+                result = self._result(reply, pid, model)
+                answered.append((job, result))
+                if result[1] in (MEMORY, INTERNAL):
+                    # past its limit a worker may hold half-built state: start afresh for the rest
+                    await self._stop(slot)
+                    return answered, None
         except _BadReply as exc:
             await self._stop(slot)
-            log.error("%s worker %d answered badly for model %s: %s", self.name, pid, model, exc)
-            return None, INTERNAL, 0.0, str(exc)
+            log.error("%s worker %d answered badly: %s", self.name, pid, exc)
+            return answered, (None, INTERNAL, 0.0, str(exc))
         except BaseException:  # cancelled (or our bug) mid-exchange: its next frame would answer the wrong call
             await self._stop(slot)
             raise
-        finally:
-            timer.cancel()
-        if expired:  # the reply beat the kill by a hair: the worker is dead all the same
-            await self._stop(slot)
-            return None, TIMEOUT, 0.0, f"killed worker {pid} after {limit:.1f} s running model {model}"
-        worker.loaded = {(str(d), int(o)) for d, o in reply.get("loaded", ())}
+        return answered, None
+
+    @staticmethod
+    def _result(reply: dict[str, Any], pid: int, model: str) -> _Result:
         if reply.get("ok"):
             try:
                 return tensors_from_wire(reply.get("outputs")), None, float(reply.get("run_seconds", 0.0)), ""
             except (BadTensor, TypeError, ValueError) as exc:
-                await self._stop(slot)
                 return None, INTERNAL, 0.0, f"worker {pid} sent bad outputs for model {model}: {exc}"
         kind = str(reply.get("kind"))
-        if kind == MEMORY:
-            await self._stop(slot)  # past its limit a worker may hold half-built state: start afresh
         known = kind in (MEMORY, MODEL, INPUTS)
         return None, kind if known else INTERNAL, 0.0, str(reply.get("error"))[:2000]
 
-    async def _call(self, worker: _Worker, request: dict[str, Any]) -> dict[str, Any]:
-        stdin, stdout = worker.proc.stdin, worker.proc.stdout
-        assert stdin is not None and stdout is not None
-        payload = msgpack.packb(request, use_bin_type=True)
+    async def _send(self, worker: _Worker, message: dict[str, Any]) -> None:
+        stdin = worker.proc.stdin
+        assert stdin is not None
+        payload = msgpack.packb(message, use_bin_type=True)
         try:
             stdin.write(_HEADER.pack(len(payload)) + payload)
             if stdin.is_closing():  # the write met a closed pipe (EPIPE); drain would notice a loop turn late
@@ -267,6 +372,10 @@ class SandboxPool:
         except ConnectionError as exc:
             # Its end of the pipe is closed: the worker died before this request, which never ran.
             raise _WorkerGone from exc
+
+    async def _receive(self, worker: _Worker) -> dict[str, Any]:
+        stdout = worker.proc.stdout
+        assert stdout is not None
         (size,) = _HEADER.unpack(await stdout.readexactly(_HEADER.size))
         if size > self.max_output_bytes:
             raise _BadReply(f"a reply of {size} bytes exceeds {self.max_output_bytes}")
@@ -293,6 +402,7 @@ class SandboxPool:
                 raise  # cancelled: asyncio kills a half-made child itself
             log.exception("%s worker could not be spawned", self.name)
             return None
+        _widen_pipes(proc)
         worker = _Worker(proc, cwd)
         self._slots[slot] = worker
         try:
@@ -321,6 +431,17 @@ class SandboxPool:
         if worker is not None:
             await _kill(worker)
 
+    def signal_all(self, signum: int) -> None:
+        """Send `signum` to every live worker (SIGSTOP to pause them all, SIGCONT to go on)."""
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+    async def kill_all(self) -> None:
+        """Kill every worker now (their runs end as CRASHED); later runs start new ones."""
+        for slot in range(len(self._slots)):
+            await self._stop(slot)
+
     def _arm_reaper(self) -> None:
         if self.idle_seconds is None or self._closed or self._reaper is not None:
             return
@@ -348,6 +469,13 @@ class SandboxPool:
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_result(Outcome(None, CLOSED, 0.0, 0.0, "the pool closed"))
+        for driver in list(self._drivers):
+            driver.cancel()
+        await asyncio.gather(*self._drivers, return_exceptions=True)
         for slot in range(len(self._slots)):
             await self._stop(slot)
         if self._stopping:
@@ -358,6 +486,19 @@ class SandboxPool:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _widen_pipes(proc: asyncio.subprocess.Process) -> None:
+    """1 MiB pipes instead of Linux's 64 KiB: a task's inputs or outputs of a few hundred KiB then
+    cross in one write and one wake-up instead of several (Linux only; elsewhere a no-op)."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+    # the read side's transport is private in asyncio: without it only the write side widens
+    transports = (getattr(proc.stdin, "transport", None), getattr(proc.stdout, "_transport", None))
+    for transport in transports:
+        pipe = transport.get_extra_info("pipe") if transport is not None else None
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(pipe.fileno(), set_size, PIPE_BYTES)
 
 
 async def _kill(worker: _Worker) -> None:
@@ -387,7 +528,8 @@ def _read_frame(stream: BinaryIO) -> bytes | None:
 
 def _write_frame(stream: BinaryIO, message: dict[str, Any]) -> None:
     payload = msgpack.packb(message, use_bin_type=True)
-    stream.write(_HEADER.pack(len(payload)) + payload)
+    stream.write(_HEADER.pack(len(payload)))
+    stream.write(payload)
     stream.flush()
 
 
@@ -484,7 +626,8 @@ def main(argv: list[str]) -> int:
     child = _Child(int(argv[0]))
     _write_frame(frames_out, {"ready": os.getpid()})
     while (frame := _read_frame(frames_in)) is not None:
-        _write_frame(frames_out, child.handle(msgpack.unpackb(frame, raw=False)))
+        for request in msgpack.unpackb(frame, raw=False)["batch"]:
+            _write_frame(frames_out, child.handle(request))  # each answered as soon as it has run
     return 0  # the parent closed our stdin (or died): nothing more to do
 
 

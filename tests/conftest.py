@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Every node the tests start shares 2 cores with a coordinator, a broker and other nodes: to a node
+# that computes only while the machine is spare (its default) they are "other processes" and would
+# keep it suspended. The tests of that behaviour turn it back on with --idle-only true.
+os.environ.setdefault("SPARECYCLES_NODE_IDLE_ONLY", "false")
 
 
 def service_reachable(host: str, port: int) -> bool:

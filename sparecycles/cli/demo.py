@@ -156,7 +156,9 @@ def start_nodes(group: ProcessGroup, count: int, broker_url: str, coordinator_ur
             "node",
             ["--broker", broker_url, "--coordinator", coordinator_url,
              "--key", str(workdir / f"node-{i}.key"), "--owner", f"volunteer-{i}", "--slots", "1",
-             "--cache-dir", str(workdir / f"cache-{i}"), "--drain-seconds", "5"],
+             "--cache-dir", str(workdir / f"cache-{i}"), "--drain-seconds", "5",
+             # one machine runs the whole network: the other daemons must not count as its owner's work
+             "--idle-only", "false"],
             name=f"node-{i}",
         )
         for i in range(1, count + 1)

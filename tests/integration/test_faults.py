@@ -86,7 +86,7 @@ def test_a_node_returning_wrong_outputs_is_never_accepted_nor_credited(network: 
         stop = asyncio.Event()
         settings = NodeSettings(broker_url=network.broker_url, coordinator_url=network.url,
                                 key_path=tmp_path / "liar.key", owner="mallory", slots=2,
-                                cache_dir=tmp_path / "liar-cache")
+                                cache_dir=tmp_path / "liar-cache", idle_only=False)
         liar = asyncio.create_task(run_node(settings, stop=stop, output_filter=lie, on_ready=liar_ready.append))
         try:
             while not liar_ready:

@@ -194,3 +194,17 @@ def test_systemd_accepts_the_units_without_a_warning(path: Path, user: bool, tmp
     if "Failed to initialize manager" in done.stderr or "Failed to lookup" in done.stderr:
         pytest.skip(f"systemd-analyze cannot run here: {done.stderr.strip()}")
     assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+
+
+@pytest.mark.parametrize(("text", "value"), [("false", False), ("0", False), ("no", False), ("true", True),
+                                             ("on", True)])
+def test_a_boolean_flag_reads_its_word(text: str, value: bool) -> None:
+    # argparse's type=bool reads any non-empty string, "false" included, as True: a node told
+    # `--idle-only false` kept suspending itself for other processes' CPU.
+    assert parse("--idle-only", text).settings.idle_only is value
+
+
+def test_a_boolean_flag_that_is_not_a_boolean_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse("--idle-only", "maybe")
+    assert exited.value.code == 2 and "expected true or false" in capsys.readouterr().err
