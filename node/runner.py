@@ -21,7 +21,6 @@ benchmark keeps its cost in view (benchmarks/bench_network.py).
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ class RunLimits:
     the room its weights take while loading)."""
     min_run_seconds: float = 2.0
     run_factor: float = 20.0
-    load_seconds: float = 30.0
+    load_seconds: float = 5.0
     max_run_seconds: float = 600.0
 
 
@@ -142,12 +141,12 @@ class Runner:
         """Stop every worker where it is (SIGSTOP): nothing computes until `resume`."""
         self.paused = True
         self._interruptions += 1
-        self._pool.signal_all(signal.SIGSTOP)
+        self._pool.suspend(True)
 
     def resume(self) -> None:
         if self.paused:
             self.paused = False
-            self._pool.signal_all(signal.SIGCONT)
+            self._pool.suspend(False)
 
     async def abandon(self) -> None:
         """Kill the workers (their runs raise `RunInterrupted`) and give their memory back."""

@@ -22,6 +22,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -137,6 +138,8 @@ class SandboxPool:
         self._batches: dict[int, tuple[list[_Job], asyncio.Task[None]]] = {}  # slot -> its batch and driver
         self._running: dict[int, _Job] = {}  # slot -> the run its worker is on now
         self._busy: set[int] = set()
+        self.suspended = False
+        """While set, nothing new is sent to a worker (the node's owner needs the machine)."""
         self._pending = 0
         self._closed = False
         self._reaper: asyncio.TimerHandle | None = None
@@ -208,6 +211,8 @@ class SandboxPool:
             return
 
     def _dispatch(self) -> None:
+        if self.suspended:
+            return
         for slot in range(len(self._slots)):
             if not self._queue:
                 return
@@ -230,6 +235,9 @@ class SandboxPool:
         try:
             while batch:
                 done, batch = await self._run_batch(slot, batch)
+                if batch and self.suspended:  # the rest are not to run now: their callers hear why
+                    done += [(job, (None, CRASHED, 0.0, "the pool is suspended")) for job in batch]
+                    batch = []
                 for job, (outputs, problem, run_s, detail) in done:
                     if not job.future.done():
                         job.future.set_result(Outcome(outputs, problem, run_s, time.perf_counter() - start, detail))
@@ -431,6 +439,13 @@ class SandboxPool:
         if worker is not None:
             await _kill(worker)
 
+    def suspend(self, suspended: bool) -> None:
+        """Stop (SIGSTOP) every worker and send nothing new, or continue (SIGCONT) and go on."""
+        self.suspended = suspended
+        self.signal_all(signal.SIGSTOP if suspended else signal.SIGCONT)
+        if not suspended:
+            self._dispatch()
+
     def signal_all(self, signum: int) -> None:
         """Send `signum` to every live worker (SIGSTOP to pause them all, SIGCONT to go on)."""
         for pid in self.pids:
@@ -505,6 +520,12 @@ async def _kill(worker: _Worker) -> None:
     if worker.proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             worker.proc.kill()
+    # Close its pipes too: asyncio wakes wait() only once both pipes are closed, and a stdout left
+    # unread past its buffer (a batch's replies after a failed run) is paused and never sees EOF:
+    # wait() hung for good (found with a memory bomb in a batch of 60 runs on a loaded machine).
+    transport = getattr(worker.proc, "_transport", None)
+    if transport is not None:
+        transport.close()
     await worker.proc.wait()
     shutil.rmtree(worker.cwd, ignore_errors=True)
 

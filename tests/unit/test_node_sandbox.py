@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from node.errors import TaskFailed
-from node.runner import RunLimits, Runner
+from node.runner import RunInterrupted, RunLimits, Runner
 from protocol.digests import sha256_hex
 from protocol.tensors import tensors_from_arrays
 from tests import models
@@ -150,6 +150,34 @@ async def test_idle_workers_stop_and_give_their_memory_back(tmp_path: Path) -> N
             await asyncio.sleep(0.05)
         assert runner.pids == [] and alive() == []
         out = await runner.run(path, digest, 99, rows(1.0))  # work again: a worker starts again
+        assert out.outputs["y"].to_array().tolist() == [[2.0]]
+    finally:
+        await runner.close()
+
+
+async def test_a_suspended_node_stops_its_runs_at_once_and_hands_back_what_cannot_finish(tmp_path: Path) -> None:
+    # The volunteer's promise: when the owner needs the machine, nothing of ours computes. A run
+    # stopped by the node itself is not the model's failure: it must not count as an error.
+    runner = Runner(1, limits=RunLimits(min_run_seconds=30.0, max_run_seconds=60.0))
+    try:
+        path, digest = saved(tmp_path, models.loop_bomb())
+        await runner.run(path, digest, 99, rows(1.0))
+        running = asyncio.create_task(runner.run(path, digest, 99, rows(1e12), lease_seconds=50.0))
+        await asyncio.sleep(0.3)
+        [pid] = runner.pids
+        runner.pause()
+        deadline = time.monotonic() + 1.0
+        while psutil.Process(pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
+        with pytest.raises(RunInterrupted):  # nothing new starts while suspended
+            await runner.run(path, digest, 99, rows(1.0))
+        await runner.abandon()  # its lease ends before the node could resume: hand it back
+        with pytest.raises(RunInterrupted):
+            await running
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        runner.resume()
+        out = await runner.run(path, digest, 99, rows(1.0))
         assert out.outputs["y"].to_array().tolist() == [[2.0]]
     finally:
         await runner.close()
