@@ -131,16 +131,24 @@ def test_two_colluding_owners_agreeing_on_a_wrong_answer_are_audited_paid_nothin
     both owners end blocked (--block-after 3), and the job completes with the right outputs (a task
     left with only alice's answer once both are blocked is decided by the coordinator's own run)."""
     net.start_coordinator()
-    alice, mallory, trudy = start_nodes(net, "alice", "mallory:roll", "trudy:roll")
+    # The colluders start first, so that they do get to agree with each other before the honest
+    # node is there (whoever answers first decides which path a task takes: with alice first, a
+    # colluder only ever disagrees with her, and the agreement this test is about never happens).
+    mallory, trudy = start_nodes(net, "mallory:roll", "trudy:roll")
     x = rows(240, seed=21)
+    nodes: list[Node] = []
 
     async def scenario() -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
         async with submitter(net.url) as c:
-            job = await c.submit(await c.ensure_model(MODEL), {"x": x}, task_size=8, deadline=20)
+            job = await c.submit(await c.ensure_model(MODEL), {"x": x}, task_size=8, deadline=30)
+            async with api_for(net.url) as api:
+                await until(lambda: _counter_at_least(api, "audit_failed", 1), "the colluders' agreement audited", 20)
+            nodes.extend(await asyncio.to_thread(start_nodes, net, "alice"))
             status = await finished(c, str(job["job"]), within=60)
             return status, await c.outputs(job["job"]) if status["state"] == "done" else None
 
     status, outputs = asyncio.run(scenario())
+    [alice] = nodes
     assert status["state"] == "done" and status["tasks"]["verified"] == 30 and outputs is not None, status
     assert_outputs_match(outputs, local_run(MODEL, {"x": x}))
     problems, entries, accepted = asyncio.run(ledger(net.url))
