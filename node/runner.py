@@ -21,6 +21,7 @@ benchmark keeps its cost in view (benchmarks/bench_network.py).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,7 @@ class Runner:
         if self.paused:
             raise RunInterrupted("the node is suspended")
         key = (digest, opt_level)
-        elements = max(1, sum(_elements(t) for t in inputs.values()))
+        elements = max(1, sum(math.prod(t.shape) for t in inputs.values()))
         interruptions = self._interruptions
 
         def limit(load: bool) -> float:
@@ -156,13 +157,6 @@ class Runner:
     async def close(self) -> None:
         """Kill the workers by PID: a run past the drain deadline is abandoned, not awaited."""
         await self._pool.close()
-
-
-def _elements(t: Tensor) -> int:
-    n = 1
-    for d in t.shape:
-        n *= d
-    return n
 
 
 def _reason(outcome: sandbox.Outcome, limits: RunLimits) -> str:

@@ -164,10 +164,6 @@ class SandboxPool:
         """The live workers' PIDs (to pause, resume or measure them)."""
         return [w.proc.pid for w in self._slots if w is not None and w.proc.returncode is None]
 
-    def has_session(self, digest: str, opt_level: int) -> bool:
-        """Whether some live worker already holds this model loaded (its run costs no load)."""
-        return any(w is not None and (digest, opt_level) in w.loaded for w in self._slots)
-
     async def run(self, model: ModelBytes, digest: str, inputs: Mapping[str, Tensor] | None, opt_level: int, *,
                   memory_bytes: int, seconds: float | Callable[[bool], float]) -> Outcome:
         """Run the model on `inputs` in a worker. `memory_bytes`: address space the run may add to

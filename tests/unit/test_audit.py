@@ -12,9 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from coordinator.audit import (
     BAD_INPUTS,
@@ -37,31 +35,9 @@ pytestmark = pytest.mark.timeout(60)
 SLOW = pytest.mark.integration
 
 
-def loop_model() -> bytes:
-    """y = x + n, one Loop iteration per unit of the int64 scalar input "n": the running time is
-    chosen by whoever picks the inputs."""
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Add", ["v_in", "one"], ["v_out"])],
-        "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])],
-        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
-    graph = helper.make_graph(
-        [helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)], "loop",
-        [helper.make_tensor_value_info("n", TensorProto.INT64, []),
-         helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model, full_check=True)
-    return bytes(model.SerializeToString())
-
-
-def loop_inputs(n: int) -> dict[str, np.ndarray]:
-    return {"n": np.array(n, dtype=np.int64), "x": np.array([0.5], dtype=np.float32)}
+def loop_inputs(n: float) -> dict[str, np.ndarray]:
+    """One row for tests/models.py's loop bomb: `n` iterations, chosen by whoever picks the inputs."""
+    return {"x": np.array([[n]], dtype=np.float32)}
 
 
 CLASSIFIER = models.classifier()
@@ -181,11 +157,11 @@ async def test_a_model_that_allocates_without_bound_is_stopped_and_the_worker_re
 @SLOW
 async def test_a_model_that_runs_too_long_times_out_and_the_worker_recovers() -> None:
     """Attack: a Loop whose trip count comes from the inputs keeps the coordinator busy forever."""
-    data = loop_model()
+    data = models.loop_bomb()
     async with Auditor(base_seconds=1.0) as a:
         short = await a.run(data, sha256_hex(data), loop_inputs(5), 99)
         assert short.problem is None and short.outputs is not None
-        assert short.outputs["y"].tolist() == [5.5]  # the model works; only its trip count is hostile
+        assert short.outputs["y"].tolist() == [[10.0]]  # 5 + 5 iterations: only the trip count is hostile
         (pid,) = a.pids
         endless = await a.run(data, sha256_hex(data), loop_inputs(10**15), 99)
         assert endless.problem == TIMED_OUT and endless.outputs is None
@@ -203,7 +179,7 @@ async def test_a_worker_killed_between_or_during_audits_is_replaced(auditor: Aud
     (second,) = auditor.pids
     assert second != first
 
-    data = loop_model()
+    data = models.loop_bomb()
     busy = asyncio.create_task(auditor.run(data, sha256_hex(data), loop_inputs(10**15), 99))
     await asyncio.sleep(0.5)
     os.kill(second, signal.SIGKILL)
@@ -225,7 +201,7 @@ async def test_an_audit_cancelled_while_its_worker_starts_or_runs_kills_the_work
     assert audit_children() == []
 
     await run_classifier(auditor)
-    data = loop_model()
+    data = models.loop_bomb()
     busy = asyncio.create_task(auditor.run(data, sha256_hex(data), loop_inputs(10**15), 99))
     await asyncio.sleep(0.3)
     (pid,) = auditor.pids
