@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ledger.entries import Balances, Charge, Credit, Entry, Grant, reversal_of
+from ledger.checkpoint import Checkpoint
+from ledger.entries import Balances, Charge, Credit, Entry, Grant, balances_of, reversal_of
 from ledger.store import InMemoryLedgerStore
 
 from .accounts import Account, Invite, NodeRecord
@@ -53,6 +54,8 @@ class MemoryStore(CoordinatorStore):
         self.refs: dict[str, set[str]] = {}  # blob digest -> jobs that reference it (not expired)
         self.uploads: dict[str, tuple[str, str]] = {}  # lease -> (job, digest) of its one upload
         self.expired: dict[str, tuple[float, str]] = {}  # job -> (when, why)
+        self.verdict_seq: dict[str, int] = {}  # task -> ledger size after its current verdict's apply
+        self.checkpoints_by_size: dict[int, Checkpoint] = {}
 
     def _ref(self, digest: str, job: str) -> None:
         self.refs.setdefault(digest, set()).add(job)
@@ -99,6 +102,7 @@ class MemoryStore(CoordinatorStore):
             self.canonical[t.id] = None
 
     async def apply(self, ops: Sequence[Op]) -> None:
+        decided: list[str] = []  # tasks whose verdict this batch wrote or undid
         for op in ops:
             if isinstance(op, LeaseIssued):
                 ls = op.lease
@@ -116,26 +120,33 @@ class MemoryStore(CoordinatorStore):
             elif isinstance(op, TaskDecided):
                 if op.canonical_digest is not None and op.task in self.tasks:
                     self._ref(op.canonical_digest, self.tasks[op.task].job)  # even if the verdict is a replay
-                await self._decide(keyed(op))
+                if await self._decide(keyed(op)):
+                    decided.append(op.task)
             elif isinstance(op, TaskReopened):
-                await self._reopen(op)
+                if await self._reopen(op):
+                    decided.append(op.task)
             elif isinstance(op, JobFinished):
                 self.jobs[op.job] = replace(self.jobs[op.job], state=str(op.state), error=op.error,
                                             finished_at=op.finished_at)
             elif isinstance(op, BlobPut):
                 self.blobs.setdefault(op.digest, op.data)
+        # Nothing awaited above suspends, so the batch is as atomic as a transaction: the size
+        # after it is the size right after this verdict's "transaction", as the SQL stores record.
+        size = await self.ledger.size()
+        self.verdict_seq.update((task, size) for task in decided)
 
-    async def _decide(self, op: TaskDecided) -> None:
+    async def _decide(self, op: TaskDecided) -> bool:
+        """Whether the verdict was new (and written)."""
         task = self.tasks[op.task]
         if task.state != TaskState.OPEN:
-            return  # decided already: a repeated verdict changes nothing
+            return False  # decided already: a repeated verdict changes nothing
         records: list[Credit | Charge] = [*op.credits, *([op.charge] if op.charge is not None else [])]
         # Open again after a reopen: the old verdict, replayed, finds its keys in the ledger and
         # must not verify the task again on a result no longer believed (sqlite_store does the same).
         taken = [await self.ledger.contains(r.unique_key) for r in records]
         if any(taken):
             if all(taken):
-                return
+                return False
             raise StoreError(reused_keys(op))
         self.tasks[op.task] = replace(task, state=str(op.state), error=op.error)
         self.canonical[op.task] = op.canonical_digest
@@ -146,14 +157,16 @@ class MemoryStore(CoordinatorStore):
                 self._accepted.append(lease)
         self._accepted_of.setdefault(op.task, []).extend(op.accepted_leases)
         await self.ledger.append(records)
+        return True
 
-    async def _reopen(self, op: TaskReopened) -> None:
+    async def _reopen(self, op: TaskReopened) -> bool:
+        """Whether the reopen was new (and written)."""
         task = self.tasks[op.task]
         if task.state != TaskState.VERIFIED:
-            return  # open already, or failed: only a verified task reopens
+            return False  # open already, or failed: only a verified task reopens
         records = reversal_of(op.credits, op.charge, bad_lease=op.bad_lease, reason=op.reason, created_at=op.at)
         if records and await self.ledger.append(records) == 0:
-            return  # a replayed reopen, the task verified again since: its entries are in the ledger
+            return False  # a replayed reopen, the task verified again since: its entries are in the ledger
         self.tasks[op.task] = replace(task, state=str(TaskState.OPEN), error=None)
         self.canonical[op.task] = None
         self._unaccepted.update(self._accepted_of.pop(op.task, ()))
@@ -161,6 +174,7 @@ class MemoryStore(CoordinatorStore):
         self._superseded.update(lid for lid, r in self.results.items() if r.task == op.task)
         if op.job_reopened:
             self.jobs[op.job] = replace(self.jobs[op.job], state="running", error=None, finished_at=None)
+        return True
 
     async def load_rows(self) -> StoredRows:
         # A reopened task's leases and results from before the reopen are history: it restores as
@@ -208,11 +222,28 @@ class MemoryStore(CoordinatorStore):
     async def canonical_digests(self, job: str) -> list[str | None]:
         return [self.canonical[t] for t in self.job_tasks[job]]
 
-    async def ledger_balances(self) -> Balances:
-        return await self.ledger.balances()
+    async def ledger_balances(self, upto: int | None = None) -> Balances:
+        if upto is None:
+            return await self.ledger.balances()
+        return balances_of(await self.ledger.entries(0, max(upto, 0)))
 
-    async def ledger_entries(self, after: int, limit: int) -> list[Entry]:
+    async def ledger_entries(self, after: int, limit: int, upto: int | None = None) -> list[Entry]:
+        if upto is not None:
+            limit = min(limit, upto - max(after, 0))
         return await self.ledger.entries(after, limit)
+
+    async def ledger_job(self, job: str) -> list[Entry]:
+        return [e for e in await self.ledger.entries(0, await self.ledger.size())
+                if not isinstance(e.record, Grant) and e.record.job == job]
+
+    async def save_checkpoint(self, cp: Checkpoint) -> None:
+        self.checkpoints_by_size.setdefault(cp.size, cp)
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        return self.checkpoints_by_size[max(self.checkpoints_by_size)] if self.checkpoints_by_size else None
+
+    async def checkpoints(self, after_size: int = 0, limit: int = 1000) -> list[Checkpoint]:
+        return [self.checkpoints_by_size[s] for s in sorted(self.checkpoints_by_size) if s > after_size][:max(limit, 0)]
 
     async def ledger_history(self, node: str) -> list[Entry]:
         return await self.ledger.history(node)
@@ -227,7 +258,7 @@ class MemoryStore(CoordinatorStore):
     async def account_history(self, name: str) -> list[Entry]:
         return await self.ledger.account_history(name)
 
-    async def accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
+    async def accepted(self, after: int, limit: int, upto: int | None = None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for seq, lease in enumerate(self._accepted[max(after, 0):], start=max(after, 0) + 1):
             if len(out) >= limit:
@@ -236,9 +267,12 @@ class MemoryStore(CoordinatorStore):
                 continue  # clawed back: no longer accepted, and a full page stays full
             r = self.results[lease]
             task = self.tasks[r.task]
+            verdict_seq = self.verdict_seq.get(r.task, 0)
+            if upto is not None and verdict_seq > upto:
+                continue  # verified after the snapshot
             out.append({"seq": seq, "task": r.task, "job": task.job, "node": r.node, "owner": r.owner,
                         "output_digest": r.output_digest, "task_state": task.state,
-                        "submitter": self.jobs[task.job].spec.submitter})
+                        "submitter": self.jobs[task.job].spec.submitter, "verdict_seq": verdict_seq})
         return out
 
     async def save_accounts(self, *, accounts: Sequence[Account] = (), nodes: Sequence[NodeRecord] = (),

@@ -43,7 +43,9 @@ async def _reopen(c: asyncpg.Connection, op: TaskReopened) -> None:
     records = reversal_of(op.credits, op.charge, bad_lease=op.bad_lease, reason=op.reason, created_at=op.at)
     if records and await ledger_pg.insert_entries(c, records) == 0:
         return  # verified again since, and this reopen's reversal is in: a replay
-    await c.execute("UPDATE tasks SET state = 'open', canonical_digest = NULL, error = NULL WHERE id = $1", op.task)
+    # After the reversal's entries, under the ledger_head lock they took (see _apply_grouped).
+    await c.execute("UPDATE tasks SET state = 'open', canonical_digest = NULL, error = NULL, "
+                    "verdict_seq = (SELECT COALESCE(MAX(seq), 0) FROM ledger_entries) WHERE id = $1", op.task)
     await c.execute("UPDATE results SET accepted = FALSE WHERE task = $1 AND accepted", op.task)
     await c.execute("INSERT INTO superseded_leases (lease, task) SELECT id, task FROM leases "
                     "WHERE task = $1 AND state <> 'live' ON CONFLICT DO NOTHING", op.task)
@@ -134,16 +136,22 @@ async def _apply_grouped(c: asyncpg.Connection, ops: Sequence[Op]) -> None:
     if decided:
         decided = await _new_verdicts(c, decided)
     if decided:
-        await c.execute(
-            "UPDATE tasks t SET state = u.state, canonical_digest = u.digest, error = u.error "
-            "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(id, state, digest, error) "
-            "WHERE t.id = u.id",
-            [d.task for d in decided], [str(d.state) for d in decided], [d.canonical_digest for d in decided],
-            [d.error for d in decided])
         accepted = [lease for d in decided for lease in d.accepted_leases]
         if accepted:
             await c.execute("UPDATE results SET accepted = TRUE WHERE lease = ANY($1::text[])", accepted)
         await ledger_pg.insert_entries(c, [entry for d in decided for entry in _records(d)])
+        # verdict_seq: the ledger size once these entries are in, folded into the one UPDATE as a
+        # subquery evaluated once (an uncorrelated InitPlan: one probe at the end of the primary
+        # key). Read after insert_entries took the ledger_head lock, which it holds until commit:
+        # no other writer's entries can land between (see sqlite_store._apply_grouped for why a
+        # later segment of the same transaction adding more does not matter).
+        await c.execute(
+            "UPDATE tasks t SET state = u.state, canonical_digest = u.digest, error = u.error, "
+            "verdict_seq = (SELECT COALESCE(MAX(seq), 0) FROM ledger_entries) "
+            "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(id, state, digest, error) "
+            "WHERE t.id = u.id",
+            [d.task for d in decided], [str(d.state) for d in decided], [d.canonical_digest for d in decided],
+            [d.error for d in decided])
     if finished:
         await c.execute(
             "UPDATE jobs j SET state = u.state, error = u.error, finished_at = u.at "

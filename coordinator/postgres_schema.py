@@ -59,7 +59,15 @@ V1: Final = (
     *ledger_pg.SCHEMA,
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (V1,)
+V2: Final = (
+    # Issue 11: the ledger's signed checkpoints, and per task the ledger size after the transaction
+    # that wrote its current verdict, so that accepted results can be read as of a checkpoint.
+    # Tasks verified before it get 0, which every snapshot includes.
+    *ledger_pg.CHECKPOINT_SCHEMA,
+    "ALTER TABLE tasks ADD COLUMN IF NOT EXISTS verdict_seq BIGINT NOT NULL DEFAULT 0",
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (V1, V2)
 """Append only: migration i (from 1) brings a database at version i - 1 to version i."""
 
 

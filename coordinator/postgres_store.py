@@ -26,7 +26,9 @@ from typing import Any
 import asyncpg
 
 from ledger import postgres as ledger_pg
+from ledger.checkpoint import Checkpoint
 from ledger.entries import Balances, Entry, Grant
+from ledger.rows import COLUMNS, NO_LIMIT, clamp, entry_from_row, upto_or_all
 
 from . import postgres_ops as ops_sql
 from .accounts import Account, Invite, NodeRecord
@@ -192,13 +194,34 @@ class PostgresStore(CoordinatorStore):
         return [r[0] for r in rows]
 
     # ---- ledger -----------------------------------------------------------------------------
-    async def ledger_balances(self) -> Balances:
+    async def ledger_balances(self, upto: int | None = None) -> Balances:
         async with self._conn() as c:
-            return await ledger_pg.read_balances(c)
+            return await ledger_pg.read_balances(c, upto)
 
-    async def ledger_entries(self, after: int, limit: int) -> list[Entry]:
+    async def ledger_entries(self, after: int, limit: int, upto: int | None = None) -> list[Entry]:
         async with self._conn() as c:
-            return await ledger_pg.read_entries(c, after, limit)
+            return await ledger_pg.read_entries(c, after, limit, upto)
+
+    async def ledger_job(self, job: str) -> list[Entry]:
+        # Through the job's tasks and the exactly-once key (kind, task, ...), as sqlite_store does:
+        # no index by job for every insert to pay for. A grant has no task and no job.
+        rows = await self._fetch(
+            f"SELECT {COLUMNS} FROM ledger_entries WHERE kind IN ('credit', 'charge', 'clawback', 'refund') "
+            "AND task IN (SELECT id FROM tasks WHERE job = $1) AND job = $1 ORDER BY seq", job)
+        return [entry_from_row(tuple(r)) for r in rows]
+
+    async def save_checkpoint(self, cp: Checkpoint) -> None:
+        # One statement, committed on its own: it touches nothing the write lock guards.
+        async with self._conn() as c:
+            await ledger_pg.save_checkpoint(c, cp)
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        async with self._conn() as c:
+            return await ledger_pg.read_latest_checkpoint(c)
+
+    async def checkpoints(self, after_size: int = 0, limit: int = 1000) -> list[Checkpoint]:
+        async with self._conn() as c:
+            return await ledger_pg.read_checkpoints(c, after_size, limit)
 
     async def ledger_history(self, node: str) -> list[Entry]:
         async with self._conn() as c:
@@ -217,13 +240,14 @@ class PostgresStore(CoordinatorStore):
         async with self._conn() as c:
             return await ledger_pg.read_account_history(c, name)
 
-    async def accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
+    async def accepted(self, after: int, limit: int, upto: int | None = None) -> list[dict[str, Any]]:
         rows = await self._fetch(
             "SELECT r.seq, r.task, t.job, r.node, r.owner, r.output_digest, t.state, "
-            "COALESCE(j.spec::jsonb ->> 'submitter', '') FROM results r "
+            "COALESCE(j.spec::jsonb ->> 'submitter', ''), t.verdict_seq FROM results r "
             "JOIN tasks t ON t.id = r.task JOIN jobs j ON j.id = t.job "
-            "WHERE r.accepted AND r.seq > $1 ORDER BY r.seq LIMIT $2", after, limit)
-        keys = ("seq", "task", "job", "node", "owner", "output_digest", "task_state", "submitter")
+            "WHERE r.accepted AND r.seq > $1 AND t.verdict_seq <= $2 ORDER BY r.seq LIMIT $3",
+            clamp(after), upto_or_all(upto), min(limit, NO_LIMIT))
+        keys = ("seq", "task", "job", "node", "owner", "output_digest", "task_state", "submitter", "verdict_seq")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     # ---- accounts and trust -----------------------------------------------------------------

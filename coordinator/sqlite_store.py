@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ledger import sqlite as ledger_sql
+from ledger.checkpoint import Checkpoint
 from ledger.entries import Balances, Charge, Credit, Entry, Grant, reversal_of
+from ledger.rows import COLUMNS, NO_LIMIT, clamp, entry_from_row, upto_or_all
 
 from .accounts import Account, Invite, NodeRecord
 from .records import (
@@ -178,7 +180,8 @@ class SQLiteStore(CoordinatorStore):
             c.execute("INSERT INTO jobs (id, spec, state, error, created_at) VALUES (?, ?, ?, NULL, ?)",
                       (s.id, spec_to_json(s), str(job.state), s.created_at))
             c.executemany(
-                "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                "INSERT INTO tasks (id, job, idx, start, stop, input_digest, input_bytes, state) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(t.id, t.job, t.index, t.start, t.stop, t.input_digest, t.input_bytes, str(t.state))
                  for t in tasks])
 
@@ -235,11 +238,29 @@ class SQLiteStore(CoordinatorStore):
         return [r[0] for r in rows]
 
     # ---- ledger reads -----------------------------------------------------------------------
-    async def ledger_balances(self) -> Balances:
-        return await self._run(ledger_sql.read_balances)
+    async def ledger_balances(self, upto: int | None = None) -> Balances:
+        return await self._run(lambda c: ledger_sql.read_balances(c, upto))
 
-    async def ledger_entries(self, after: int, limit: int) -> list[Entry]:
-        return await self._run(lambda c: ledger_sql.read_entries(c, after, limit))
+    async def ledger_entries(self, after: int, limit: int, upto: int | None = None) -> list[Entry]:
+        return await self._run(lambda c: ledger_sql.read_entries(c, after, limit, upto))
+
+    async def ledger_job(self, job: str) -> list[Entry]:
+        # Through the job's tasks (the (job, idx) index) and the ledger's exactly-once key, whose
+        # first columns are (kind, task): a few probes per task rather than a scan of the log or
+        # an index by job that every insert would pay for. A grant has no task and no job.
+        rows = await self._run(lambda c: c.execute(
+            f"SELECT {COLUMNS} FROM ledger_entries WHERE kind IN ('credit', 'charge', 'clawback', 'refund') "
+            "AND task IN (SELECT id FROM tasks WHERE job = ?) AND job = ? ORDER BY seq", (job, job)).fetchall())
+        return [entry_from_row(r) for r in rows]
+
+    async def save_checkpoint(self, cp: Checkpoint) -> None:
+        await self._tx(lambda c: ledger_sql.save_checkpoint(c, cp))
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        return await self._run(ledger_sql.read_latest_checkpoint)
+
+    async def checkpoints(self, after_size: int = 0, limit: int = 1000) -> list[Checkpoint]:
+        return await self._run(lambda c: ledger_sql.read_checkpoints(c, after_size, limit))
 
     async def ledger_history(self, node: str) -> list[Entry]:
         return await self._run(lambda c: ledger_sql.read_history(c, node))
@@ -254,14 +275,14 @@ class SQLiteStore(CoordinatorStore):
     async def account_history(self, name: str) -> list[Entry]:
         return await self._run(lambda c: ledger_sql.read_account_history(c, name))
 
-    async def accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
+    async def accepted(self, after: int, limit: int, upto: int | None = None) -> list[dict[str, Any]]:
         rows = await self._run(lambda c: c.execute(
             "SELECT r.seq, r.task, t.job, r.node, r.owner, r.output_digest, t.state, "
-            "COALESCE(json_extract(j.spec, '$.submitter'), '') FROM results r "
+            "COALESCE(json_extract(j.spec, '$.submitter'), ''), t.verdict_seq FROM results r "
             "JOIN tasks t ON t.id = r.task JOIN jobs j ON j.id = t.job "
-            "WHERE r.accepted = 1 AND r.seq > ? ORDER BY r.seq LIMIT ?",
-            (after, limit)).fetchall())
-        keys = ("seq", "task", "job", "node", "owner", "output_digest", "task_state", "submitter")
+            "WHERE r.accepted = 1 AND r.seq > ? AND t.verdict_seq <= ? ORDER BY r.seq LIMIT ?",
+            (clamp(after), upto_or_all(upto), min(limit, NO_LIMIT))).fetchall())
+        keys = ("seq", "task", "job", "node", "owner", "output_digest", "task_state", "submitter", "verdict_seq")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     async def save_accounts(self, *, accounts: Sequence[Account] = (), nodes: Sequence[NodeRecord] = (),
@@ -331,7 +352,10 @@ def _reopen(c: sqlite3.Connection, op: TaskReopened) -> None:
     records = reversal_of(op.credits, op.charge, bad_lease=op.bad_lease, reason=op.reason, created_at=op.at)
     if records and ledger_sql.insert_entries(c, records) == 0:
         return
-    c.execute("UPDATE tasks SET state='open', canonical_digest=NULL, error=NULL WHERE id=?", (op.task,))
+    # After the reversal's entries: the size now is this transaction's as far as any reader can tell
+    # (see _apply_grouped).
+    c.execute("UPDATE tasks SET state='open', canonical_digest=NULL, error=NULL, "
+              "verdict_seq=(SELECT COALESCE(MAX(seq), 0) FROM ledger_entries) WHERE id=?", (op.task,))
     c.execute("UPDATE results SET accepted=0 WHERE task=? AND accepted=1", (op.task,))
     c.execute("INSERT OR IGNORE INTO superseded_leases (lease, task) "
               "SELECT id, task FROM leases WHERE task=? AND state != 'live'", (op.task,))
@@ -414,11 +438,16 @@ def _apply_grouped(c: sqlite3.Connection, ops: Sequence[Op]) -> None:
         # dropped whole, and the ledger's keys (credit per (task, node, lease), charge per verdict)
         # back that up. A reopened task is open again and takes its new verdict.
         decided = _new_verdicts(c, decided)
-        c.executemany("UPDATE tasks SET state=?, canonical_digest=?, error=? WHERE id=?",
-                      [(str(d.state), d.canonical_digest, d.error, d.task) for d in decided])
         c.executemany("UPDATE results SET accepted=1 WHERE lease=?",
                       [(lease,) for d in decided for lease in d.accepted_leases])
         ledger_sql.insert_entries(c, [entry for d in decided for entry in _records(d)])
+        # verdict_seq: the ledger size once this batch's entries are in, read once (one probe at
+        # the end of the rowid tree) rather than per task. A later segment of the same transaction
+        # (after a reopen) may add more, but no reader sees a size between: commits are atomic, so
+        # every committed size is below all of this transaction's entries or at least its last.
+        size = ledger_sql.read_size(c)
+        c.executemany("UPDATE tasks SET state=?, canonical_digest=?, error=?, verdict_seq=? WHERE id=?",
+                      [(str(d.state), d.canonical_digest, d.error, size, d.task) for d in decided])
     c.executemany("UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=?", finished)
 
 
@@ -445,12 +474,16 @@ def _load_rows(c: sqlite3.Connection) -> StoredRows:
 
 
 def _migrate(c: sqlite3.Connection) -> None:
-    """Bring a database of an earlier version up to this schema: the expiry columns of jobs, and
-    blob references built from what its jobs hold."""
+    """Bring a database of an earlier version up to this schema: the expiry columns of jobs, the
+    verdict_seq of tasks (0 for tasks verified before it: inside every snapshot), and blob
+    references built from what its jobs hold. A new database gets its columns here too, so both
+    have one column order."""
     columns = {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
     for column, kind in (("expired_at", "REAL"), ("expiry", "TEXT")):
         if column not in columns:
             c.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+    if "verdict_seq" not in {row[1] for row in c.execute("PRAGMA table_info(tasks)")}:
+        c.execute("ALTER TABLE tasks ADD COLUMN verdict_seq INTEGER NOT NULL DEFAULT 0")
     c.execute(EXPIRY_INDEX)
     if c.execute("SELECT 1 FROM sqlite_master WHERE name='blob_refs'").fetchone() is None:
         c.executescript(f"BEGIN; {REFS_SCHEMA} COMMIT;")

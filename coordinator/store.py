@@ -26,6 +26,12 @@ Contract (checked for every backend by tests/contract/test_coordinator_store.py)
   that has not expired references it, and keeps every job, task and result row (the ledger is
   checked against them); a running job never expires.
 - A lease holds at most one upload: `put_upload` of another digest under it stores nothing.
+- Ledger reads with `upto` are consistent snapshots (issue 11): ledger seqs run 1..n without gaps and
+  commit in seq order, so the entries with seq <= a committed size never change, and neither do
+  `ledger_entries`, `ledger_balances` or `accepted` asked with that size as `upto`, however many
+  entries are appended after it. Each task records `verdict_seq`, the ledger size right after the
+  transaction that wrote its current verdict (0 for a task verified before issue 11).
+- Checkpoints are kept one per size, the first saved for a size standing.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ledger.checkpoint import Checkpoint
 from ledger.entries import Balances, Entry
 
 from .accounts import Account, Invite, NodeRecord
@@ -177,10 +184,29 @@ class CoordinatorStore(ABC):
         """The accepted output digest of each task of `job`, in task order (None if not verified)."""
 
     @abstractmethod
-    async def ledger_balances(self) -> Balances: ...
+    async def ledger_balances(self, upto: int | None = None) -> Balances:
+        """Balances over the ledger entries with seq <= `upto` (all of them by default)."""
 
     @abstractmethod
-    async def ledger_entries(self, after: int, limit: int) -> list[Entry]: ...
+    async def ledger_entries(self, after: int, limit: int, upto: int | None = None) -> list[Entry]:
+        """Up to `limit` entries with `after` < seq (<= `upto` when given), ascending."""
+
+    @abstractmethod
+    async def ledger_job(self, job: str) -> list[Entry]:
+        """Every ledger entry of `job` (credits, charges, clawbacks, refunds), ascending seq."""
+
+    @abstractmethod
+    async def save_checkpoint(self, cp: Checkpoint) -> None:
+        """Keep a signed checkpoint. A second one of the same size is ignored: the first stands.
+        Committed on return."""
+
+    @abstractmethod
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint of the largest size kept, or None before the first."""
+
+    @abstractmethod
+    async def checkpoints(self, after_size: int = 0, limit: int = 1000) -> list[Checkpoint]:
+        """Up to `limit` checkpoints of size > `after_size`, ascending size."""
 
     @abstractmethod
     async def ledger_history(self, node: str) -> list[Entry]: ...
@@ -204,12 +230,13 @@ class CoordinatorStore(ABC):
         in ascending seq."""
 
     @abstractmethod
-    async def accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
-        """Accepted (task, node) results with the task's state and the job's `submitter` ("" for
-        an internal job), ordered by a stable sequence number `seq` > after: what
-        `sparecycles ledger verify` checks credits and charges against. A result accepted and then
-        clawed back (its task reopened) is no longer listed: verify matches that credit with its
-        clawback instead. Pages are full up to the last."""
+    async def accepted(self, after: int, limit: int, upto: int | None = None) -> list[dict[str, Any]]:
+        """Accepted (task, node) results with the task's state, the job's `submitter` ("" for an
+        internal job) and the task's `verdict_seq`, ordered by a stable sequence number `seq` >
+        after: what `sparecycles ledger verify` checks credits and charges against. With `upto`,
+        only results whose task's verdict_seq <= upto: those whose credits are among the entries
+        with seq <= upto. A result accepted and then clawed back (its task reopened) is no longer
+        listed: verify matches that credit with its clawback instead. Pages are full up to the last."""
 
     # ---- accounts: coordinator/accounts.py keeps them in memory, the store keeps them ----------
     @abstractmethod

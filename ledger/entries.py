@@ -25,7 +25,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar, Final
 
 import msgpack
 
@@ -347,7 +348,89 @@ class Entry:
         return SIGNS[self.record.kind] * self.record.amount
 
     def to_json(self) -> dict[str, object]:
-        return {"seq": self.seq, **self.record.to_json()}
+        """The record's fields, its seq, and `created_at_iso` for people (`iso_time`); the leaf is
+        built from `created_at`, and `entry_from_json` checks that the two agree."""
+        return {"seq": self.seq, **self.record.to_json(), "created_at_iso": iso_time(self.record.created_at)}
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def iso_time(seconds: float) -> str | None:
+    """Wall-clock seconds as ISO 8601 in UTC to the millisecond (truncated), e.g.
+    `2023-11-14T22:13:20.123Z`; None for a time outside years 1-9999, which ISO 8601's usual form
+    cannot write (a record may hold any finite time)."""
+    try:
+        # Epoch plus a timedelta rather than fromtimestamp: the same answer on every platform,
+        # before 1970 too.
+        t = _EPOCH + timedelta(seconds=seconds)
+    except OverflowError:
+        return None
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---- reading served JSON back -----------------------------------------------------------------
+
+_FIELDS: Final[Mapping[str, tuple[frozenset[str], frozenset[str]]]] = {
+    # kind -> (required fields, optional fields), the keys `to_json` writes besides "kind"
+    LEAF_TAG_CREDIT: (frozenset({"node", "owner", "job", "task", "amount", "result_digest", "created_at"}),
+                      frozenset({"ref"})),
+    LEAF_TAG_CHARGE: (frozenset({"account", "job", "task", "amount", "created_at"}), frozenset({"ref"})),
+    LEAF_TAG_GRANT: (frozenset({"account", "amount", "key", "memo", "created_at"}), frozenset()),
+    LEAF_TAG_CLAWBACK: (frozenset({"account", "node", "job", "task", "amount", "reason", "ref", "created_at"}),
+                        frozenset()),
+    LEAF_TAG_REFUND: (frozenset({"account", "job", "task", "amount", "ref", "created_at"}), frozenset()),
+}
+_ENTRY_KEYS: Final = frozenset({"seq", "created_at_iso"})
+_RECORDS: Final[Mapping[str, type[LedgerRecord]]] = {
+    LEAF_TAG_CREDIT: Credit, LEAF_TAG_CHARGE: Charge, LEAF_TAG_GRANT: Grant, LEAF_TAG_CLAWBACK: Clawback,
+    LEAF_TAG_REFUND: Refund}
+
+
+def _json_object(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidEntry(f"a ledger entry is a JSON object, got {type(value).__name__}")
+    return value
+
+
+def record_from_json(value: object) -> LedgerRecord:
+    """The record an entry's (or a record's) JSON describes, strictly: the fields of its kind and
+    no others (`seq` and `created_at_iso` of an entry are allowed, and the latter must agree with
+    `created_at`), each of the type and range the record's own checks demand. Raises `InvalidEntry`
+    with a sentence naming the fault otherwise.
+
+    For a verifier rebuilding the leaf bytes from what a coordinator served:
+    `record_from_json(entry.to_json()).leaf_bytes() == entry.record.leaf_bytes()` for every kind."""
+    value = _json_object(value)
+    kind = value.get("kind")
+    if not isinstance(kind, str) or kind not in _FIELDS:
+        raise InvalidEntry(f"ledger entry kind must be one of {sorted(_FIELDS)}, got {kind!r:.40}")
+    required, optional = _FIELDS[kind]
+    keys = set(value) - {"kind"}
+    missing, extra = required - keys, keys - required - optional - _ENTRY_KEYS
+    if missing or extra:
+        raise InvalidEntry(f"a {kind} entry has the fields {sorted(required | optional)}: "
+                           + "; ".join(part for part in (f"missing {sorted(missing)}" if missing else "",
+                                                         f"unknown {sorted(map(str, extra))}" if extra else "")
+                                       if part))
+    fields: dict[str, Any] = {k: value[k] for k in required | optional if k in value}
+    # The record's checks take an int or a float for a time; JSON's number types carry no other.
+    record = _RECORDS[kind](**fields)
+    if "created_at_iso" in value and value["created_at_iso"] != iso_time(record.created_at):
+        raise InvalidEntry(f"{kind} created_at_iso {value['created_at_iso']!r:.40} does not match its "
+                           f"created_at {record.created_at!r}")
+    return record
+
+
+def entry_from_json(value: object) -> Entry:
+    """An `Entry` from its JSON (`Entry.to_json`), strictly as `record_from_json`, with its `seq` a
+    positive integer."""
+    value = _json_object(value)
+    record = record_from_json(value)
+    seq = value.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 < seq <= MAX_AMOUNT:
+        raise InvalidEntry(f"ledger entry seq must be an integer in 1..2**63-1, got {seq!r:.40}")
+    return Entry(seq, record)
 
 
 @dataclass(frozen=True, slots=True)

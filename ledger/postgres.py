@@ -23,11 +23,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from .checkpoint import Checkpoint
 from .entries import Balances, Entry, LedgerRecord, UniqueKey, balances_from_rows
 from .errors import StorageError, StoreClosed
-from .sqlite import _COLUMNS
-from .sqlite import _entry as entry_from_row
-from .sqlite import _row as row_of
+from .rows import CHECKPOINT_COLUMNS, COLUMNS, NO_LIMIT, checkpoint_from_row, clamp, entry_from_row, row_of, upto_or_all
 from .store import LedgerStore
 
 T = TypeVar("T")
@@ -54,16 +53,26 @@ SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS ledger_head (id INTEGER PRIMARY KEY CHECK (id = 1))",
     "INSERT INTO ledger_head VALUES (1) ON CONFLICT DO NOTHING",
 )
+"""The ledger's tables as issue 8 left them: the coordinator's first schema migration runs exactly
+these, so they must not change (a new table goes in a statement list of its own, run by a new
+migration)."""
+
+CHECKPOINT_SCHEMA: Final = (
+    # One signed tree head per size: the first one signed for a size stands (see ledger/sqlite.py).
+    "CREATE TABLE IF NOT EXISTS ledger_checkpoints (size BIGINT PRIMARY KEY CHECK (size >= 0), "
+    "root BYTEA NOT NULL, timestamp_ms BIGINT NOT NULL, signature BYTEA NOT NULL, origin TEXT NOT NULL)",
+)
+"""Added by issue 11."""
 
 _KEYS: Final = ("SELECT e.kind, e.task, e.node, e.ref FROM ledger_entries e "
                 "JOIN unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS k(kind, task, node, ref) "
                 "USING (kind, task, node, ref)")
 _INSERT: Final = (
-    f"INSERT INTO ledger_entries ({_COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], "
+    f"INSERT INTO ledger_entries ({COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], "
     "$4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::float8[]) "
     # never taken while writers hold ledger_head; kept as the last guard, as in SQLite
     "ON CONFLICT (kind, task, node, ref) DO NOTHING")
-_FIELDS: Final = tuple(c.strip() for c in _COLUMNS.split(","))[1:]  # after seq
+_FIELDS: Final = tuple(c.strip() for c in COLUMNS.split(","))[1:]  # after seq
 
 # What "the database went away" looks like to asyncpg: refused or reset sockets and timeouts
 # (OSError), a connection closed under a query (InterfaceError, ConnectionDoesNotExistError), a
@@ -95,7 +104,7 @@ def unavailable(exc: BaseException) -> str:
 async def create_schema(conn: asyncpg.Connection) -> None:
     """Create the ledger's tables and indexes if missing. Run it inside the caller's transaction
     (or alone: each statement is idempotent)."""
-    for statement in SCHEMA:
+    for statement in (*SCHEMA, *CHECKPOINT_SCHEMA):
         await conn.execute(statement)
 
 
@@ -134,12 +143,14 @@ async def insert_entries(conn: asyncpg.Connection, records: Sequence[LedgerRecor
     return int(status.rsplit(" ", 1)[1])
 
 
-async def read_entries(conn: asyncpg.Connection, after: int, limit: int) -> list[Entry]:
+async def read_entries(conn: asyncpg.Connection, after: int, limit: int, upto: int | None = None) -> list[Entry]:
+    """Up to `limit` entries with `after` < seq <= `upto`, ascending."""
     if limit < 1:
         return []
-    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM ledger_entries WHERE seq > $1 ORDER BY seq LIMIT $2",
-                            after, limit)
+    rows = await conn.fetch(f"SELECT {COLUMNS} FROM ledger_entries WHERE seq > $1 AND seq <= $2 "
+                            "ORDER BY seq LIMIT $3", clamp(after), upto_or_all(upto), min(limit, NO_LIMIT))
     return [entry_from_row(tuple(r)) for r in rows]
+
 
 
 async def read_size(conn: asyncpg.Connection) -> int:
@@ -151,21 +162,23 @@ async def has_entry(conn: asyncpg.Connection, key: UniqueKey) -> bool:
     return bool(await existing_keys(conn, [key]))
 
 
-async def read_balances(conn: asyncpg.Connection) -> Balances:
+async def read_balances(conn: asyncpg.Connection, upto: int | None = None) -> Balances:
+    """Balances over the entries with seq <= `upto` (all of them by default)."""
     # One statement, one snapshot: node rows and account rows from the same state of the log.
     rows = await conn.fetch(
         "SELECT 'node', node, account, SUM(CASE kind WHEN 'clawback' THEN -amount ELSE amount END), "
         "SUM(CASE kind WHEN 'clawback' THEN -1 ELSE 1 END) FROM ledger_entries "
-        "WHERE kind IN ('credit', 'clawback') GROUP BY node, account "
+        "WHERE kind IN ('credit', 'clawback') AND seq <= $1 GROUP BY node, account "
         "UNION ALL "
-        "SELECT 'account', account, kind, SUM(amount), 0 FROM ledger_entries GROUP BY account, kind")
+        "SELECT 'account', account, kind, SUM(amount), 0 FROM ledger_entries WHERE seq <= $1 "
+        "GROUP BY account, kind", upto_or_all(upto))
     nodes = [(str(a), str(b), int(s), int(n)) for part, a, b, s, n in rows if part == "node"]
     accounts = [(str(a), str(b), int(s)) for part, a, b, s, _ in rows if part == "account"]
     return balances_from_rows(nodes, accounts)
 
 
 async def read_history(conn: asyncpg.Connection, node: str) -> list[Entry]:
-    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM ledger_entries WHERE node = $1 "
+    rows = await conn.fetch(f"SELECT {COLUMNS} FROM ledger_entries WHERE node = $1 "
                             "AND kind IN ('credit', 'clawback') ORDER BY seq", node)
     return [entry_from_row(tuple(r)) for r in rows]
 
@@ -177,8 +190,40 @@ async def read_account_balance(conn: asyncpg.Connection, account: str) -> int:
 
 
 async def read_account_history(conn: asyncpg.Connection, account: str) -> list[Entry]:
-    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM ledger_entries WHERE account = $1 ORDER BY seq", account)
+    rows = await conn.fetch(f"SELECT {COLUMNS} FROM ledger_entries WHERE account = $1 ORDER BY seq", account)
     return [entry_from_row(tuple(r)) for r in rows]
+
+
+async def read_job(conn: asyncpg.Connection, job: str) -> list[Entry]:
+    """Every entry of `job`, ascending seq: a scan of the log (the coordinator's store goes through
+    the job's tasks instead)."""
+    rows = await conn.fetch(f"SELECT {COLUMNS} FROM ledger_entries WHERE job = $1 ORDER BY seq", job)
+    return [entry_from_row(tuple(r)) for r in rows]
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+async def save_checkpoint(conn: asyncpg.Connection, cp: Checkpoint) -> bool:
+    """Keep `cp`; True if it is the first of its size (a later one of that size is ignored)."""
+    status: str = await conn.execute(f"INSERT INTO ledger_checkpoints ({CHECKPOINT_COLUMNS}) "
+                                     "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (size) DO NOTHING",
+                                     cp.origin, cp.size, cp.root, cp.timestamp_ms, cp.signature)
+    return status.endswith(" 1")
+
+
+async def read_latest_checkpoint(conn: asyncpg.Connection) -> Checkpoint | None:
+    row = await conn.fetchrow(f"SELECT {CHECKPOINT_COLUMNS} FROM ledger_checkpoints ORDER BY size DESC LIMIT 1")
+    return None if row is None else checkpoint_from_row(tuple(row))
+
+
+async def read_checkpoints(conn: asyncpg.Connection, after_size: int = 0, limit: int = 1000) -> list[Checkpoint]:
+    """Up to `limit` checkpoints of size > `after_size`, ascending size."""
+    if limit < 1:
+        return []
+    rows = await conn.fetch(f"SELECT {CHECKPOINT_COLUMNS} FROM ledger_checkpoints WHERE size > $1 "
+                            "ORDER BY size LIMIT $2", clamp(after_size), min(limit, NO_LIMIT))
+    return [checkpoint_from_row(tuple(r)) for r in rows]
 
 
 class PostgresLedgerStore(LedgerStore):

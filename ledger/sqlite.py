@@ -16,19 +16,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
-from .entries import (
-    Balances,
-    Charge,
-    Clawback,
-    Credit,
-    Entry,
-    Grant,
-    LedgerRecord,
-    Refund,
-    UniqueKey,
-    balances_from_rows,
-)
-from .errors import LedgerError, StorageError, StoreClosed
+from .checkpoint import Checkpoint
+from .entries import Balances, Entry, LedgerRecord, UniqueKey, balances_from_rows
+from .errors import StorageError, StoreClosed
+from .rows import CHECKPOINT_COLUMNS, COLUMNS, NO_LIMIT, checkpoint_from_row, clamp, entry_from_row, row_of, upto_or_all
 from .store import LedgerStore
 
 T = TypeVar("T")
@@ -58,13 +49,17 @@ _SCHEMA_STATEMENTS: Final = (
     "CREATE INDEX IF NOT EXISTS ledger_entries_node ON ledger_entries (node)",
     # Covering: account_balance() sums amounts per kind from the index alone, without the table.
     "CREATE INDEX IF NOT EXISTS ledger_entries_account ON ledger_entries (account, kind, amount)",
+    # The coordinator's signed tree heads, one per size: the first one signed for a size stands, so a
+    # verifier that saw it once can always be shown it again. Created IF NOT EXISTS on every open,
+    # which is also how a database of an earlier version gets it.
+    "CREATE TABLE IF NOT EXISTS ledger_checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT NULL, "
+    "timestamp_ms INTEGER NOT NULL, signature BLOB NOT NULL, origin TEXT NOT NULL)",
 )
 # AUTOINCREMENT, unlike a bare INTEGER PRIMARY KEY, never reuses a seq, so an entry's number is its
 # place in the log for good. With no deletes, and rolled-back inserts rolling the counter back too,
 # seq runs 1..n without gaps - as long as no insert hits the UNIQUE key (see _INSERT).
 LEDGER_SCHEMA: Final = ";\n".join(_SCHEMA_STATEMENTS) + ";\n"
 
-_COLUMNS: Final = "seq, kind, account, amount, job, task, node, ref, result_digest, memo, created_at"
 # AUTOINCREMENT advances its counter even for a row that ON CONFLICT then skips (measured: the
 # next entry after a replay got seq n+2), so a replay is filtered out by NOT EXISTS before it can
 # reach the key. SQLite admits one writer at a time, so nothing can slip in between the check and the
@@ -110,40 +105,26 @@ def _migrate_credits_only(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _row(record: LedgerRecord) -> dict[str, object]:
-    row: dict[str, object] = {"kind": record.kind, "account": record.account, "amount": record.amount,
-                              "job": "", "task": "", "node": "", "ref": "", "result_digest": "", "memo": "",
-                              "created_at": float(record.created_at)}
-    if isinstance(record, Credit):
-        row.update(job=record.job, task=record.task, node=record.node, ref=record.ref,
-                   result_digest=record.result_digest)
-    elif isinstance(record, Charge | Refund):
-        row.update(job=record.job, task=record.task, ref=record.ref)
-    elif isinstance(record, Clawback):
-        row.update(job=record.job, task=record.task, node=record.node, ref=record.ref, memo=record.reason)
-    else:
-        row.update(ref=record.key, memo=record.memo)
-    return row
-
-
 def insert_entries(conn: sqlite3.Connection, records: Sequence[LedgerRecord]) -> int:
     """Insert records in order; a record whose key is already present is skipped. Returns the
     number of rows newly inserted. Does not commit: the caller's transaction decides."""
     if not records:
         return 0
-    cursor = conn.executemany(_INSERT, [_row(r) for r in records])
+    cursor = conn.executemany(_INSERT, [row_of(r) for r in records])
     try:
         return cursor.rowcount  # summed over the batch; a skipped row counts 0
     finally:
         cursor.close()
 
 
-def read_entries(conn: sqlite3.Connection, after: int, limit: int) -> list[Entry]:
+def read_entries(conn: sqlite3.Connection, after: int, limit: int, upto: int | None = None) -> list[Entry]:
+    """Up to `limit` entries with `after` < seq <= `upto`, ascending."""
     if limit < 1:
         return []  # SQLite reads LIMIT -1 as "no limit"
-    rows = _select(conn, f"SELECT {_COLUMNS} FROM ledger_entries WHERE seq > ? ORDER BY seq LIMIT ?",
-                   (after, limit))
-    return [_entry(row) for row in rows]
+    rows = _select(conn, f"SELECT {COLUMNS} FROM ledger_entries WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                   (clamp(after), upto_or_all(upto), min(limit, NO_LIMIT)))
+    return [entry_from_row(row) for row in rows]
+
 
 
 def read_size(conn: sqlite3.Connection) -> int:
@@ -161,26 +142,30 @@ def has_entry(conn: sqlite3.Connection, key: UniqueKey) -> bool:
     return bool(rows)
 
 
-def read_balances(conn: sqlite3.Connection) -> Balances:
+def read_balances(conn: sqlite3.Connection, upto: int | None = None) -> Balances:
+    """Balances over the entries with seq <= `upto` (all of them by default)."""
     # One statement is one snapshot: the contributors' rows and the accounts' rows come from the
-    # same state of the log, not from two queries a concurrent writer could land between.
+    # same state of the log, not from two queries a concurrent writer could land between. With
+    # `upto` it is the same snapshot however often it is asked: entries up to a size never change.
     # The contributors' rows are net of clawbacks (`entries.Balances`).
+    upto = upto_or_all(upto)
     rows = _select(conn,
                    "SELECT 'node', node, account, SUM(CASE kind WHEN 'clawback' THEN -amount ELSE amount END), "
                    "SUM(CASE kind WHEN 'clawback' THEN -1 ELSE 1 END) FROM ledger_entries "
-                   "WHERE kind IN ('credit', 'clawback') GROUP BY node, account "
+                   "WHERE kind IN ('credit', 'clawback') AND seq <= ? GROUP BY node, account "
                    "UNION ALL "
-                   "SELECT 'account', account, kind, SUM(amount), 0 FROM ledger_entries GROUP BY account, kind",
-                   ())
+                   "SELECT 'account', account, kind, SUM(amount), 0 FROM ledger_entries WHERE seq <= ? "
+                   "GROUP BY account, kind",
+                   (upto, upto))
     nodes = [(str(a), str(b), int(s), int(n)) for part, a, b, s, n in rows if part == "node"]
     accounts = [(str(a), str(b), int(s)) for part, a, b, s, _ in rows if part == "account"]
     return balances_from_rows(nodes, accounts)
 
 
 def read_history(conn: sqlite3.Connection, node: str) -> list[Entry]:
-    rows = _select(conn, f"SELECT {_COLUMNS} FROM ledger_entries WHERE node = ? "
+    rows = _select(conn, f"SELECT {COLUMNS} FROM ledger_entries WHERE node = ? "
                          "AND kind IN ('credit', 'clawback') ORDER BY seq", (node,))
-    return [_entry(row) for row in rows]
+    return [entry_from_row(row) for row in rows]
 
 
 def read_account_balance(conn: sqlite3.Connection, account: str) -> int:
@@ -194,8 +179,48 @@ def read_account_balance(conn: sqlite3.Connection, account: str) -> int:
 
 
 def read_account_history(conn: sqlite3.Connection, account: str) -> list[Entry]:
-    rows = _select(conn, f"SELECT {_COLUMNS} FROM ledger_entries WHERE account = ? ORDER BY seq", (account,))
-    return [_entry(row) for row in rows]
+    rows = _select(conn, f"SELECT {COLUMNS} FROM ledger_entries WHERE account = ? ORDER BY seq", (account,))
+    return [entry_from_row(row) for row in rows]
+
+
+def read_job(conn: sqlite3.Connection, job: str) -> list[Entry]:
+    """Every entry of `job` (its credits, charges, clawbacks and refunds), ascending seq. A scan of
+    the log: the coordinator's store finds a job's entries through its tasks instead."""
+    rows = _select(conn, f"SELECT {COLUMNS} FROM ledger_entries WHERE job = ? ORDER BY seq", (job,))
+    return [entry_from_row(row) for row in rows]
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+def save_checkpoint(conn: sqlite3.Connection, checkpoint: Checkpoint) -> bool:
+    """Keep `checkpoint`; True if it is the first of its size (a later one of that size is ignored).
+    Does not commit."""
+    cursor = conn.execute(f"INSERT INTO ledger_checkpoints ({CHECKPOINT_COLUMNS}) VALUES (?, ?, ?, ?, ?) "
+                          "ON CONFLICT (size) DO NOTHING", _checkpoint_row(checkpoint))
+    try:
+        return cursor.rowcount == 1
+    finally:
+        cursor.close()
+
+
+def read_latest_checkpoint(conn: sqlite3.Connection) -> Checkpoint | None:
+    rows = _select(conn, f"SELECT {CHECKPOINT_COLUMNS} FROM ledger_checkpoints ORDER BY size DESC LIMIT 1", ())
+    return checkpoint_from_row(rows[0]) if rows else None
+
+
+def read_checkpoints(conn: sqlite3.Connection, after_size: int = 0, limit: int = 1000) -> list[Checkpoint]:
+    """Up to `limit` checkpoints of size > `after_size`, ascending size."""
+    if limit < 1:
+        return []
+    rows = _select(conn, f"SELECT {CHECKPOINT_COLUMNS} FROM ledger_checkpoints WHERE size > ? "
+                         "ORDER BY size LIMIT ?", (clamp(after_size), min(limit, NO_LIMIT)))
+    return [checkpoint_from_row(row) for row in rows]
+
+
+def _checkpoint_row(cp: Checkpoint) -> tuple[str, int, bytes, int, bytes]:
+    return (cp.origin, cp.size, cp.root, cp.timestamp_ms, cp.signature)
+
 
 
 def _select(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[Any]:
@@ -205,28 +230,6 @@ def _select(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> lis
         return cursor.execute(sql, params).fetchall()
     finally:
         cursor.close()
-
-
-def _entry(row: Sequence[Any]) -> Entry:
-    seq, kind, account, amount, job, task, node, ref, result_digest, memo, created_at = row
-    record: LedgerRecord
-    if kind == "credit":
-        record = Credit(node=node, owner=account, job=job, task=task, amount=int(amount),
-                        result_digest=result_digest, created_at=float(created_at), ref=ref)
-    elif kind == "charge":
-        record = Charge(account=account, job=job, task=task, amount=int(amount), created_at=float(created_at),
-                        ref=ref)
-    elif kind == "grant":
-        record = Grant(account=account, amount=int(amount), key=ref, memo=memo, created_at=float(created_at))
-    elif kind == "clawback":
-        record = Clawback(account=account, node=node, job=job, task=task, amount=int(amount), reason=memo,
-                          ref=ref, created_at=float(created_at))
-    elif kind == "refund":
-        record = Refund(account=account, job=job, task=task, amount=int(amount), ref=ref,
-                        created_at=float(created_at))
-    else:
-        raise LedgerError(f"ledger entry seq {seq} has kind {kind!r}, which this version cannot read")
-    return Entry(int(seq), record)
 
 
 def _append(conn: sqlite3.Connection, records: Sequence[LedgerRecord]) -> int:

@@ -78,7 +78,7 @@ async def test_a_verdict_applied_twice_credits_once(store: CoordinatorStore) -> 
     job, tasks, blobs = new_job()
     jid, t0 = job.spec.id, tasks[0].id
     await store.create_job(job, tasks, blobs)
-    ops = [LeaseIssued(lease("l1", t0, jid, "n1")), LeaseIssued(lease("l2", t0, jid, "n2")),
+    ops: list[Op] = [LeaseIssued(lease("l1", t0, jid, "n1")), LeaseIssued(lease("l2", t0, jid, "n2")),
            ResultRecorded("l1", t0, "n1", "owner-n1", "d" * 64, None, 2.0),
            ResultRecorded("l2", t0, "n2", "owner-n2", "d" * 64, None, 2.0),
            LeaseClosed("l1", "reported"), LeaseClosed("l2", "reported"), BlobPut("d" * 64, b"out")]

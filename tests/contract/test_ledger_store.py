@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,8 +57,8 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 def open_any(url: str) -> LedgerStore:
-    """`open_ledger`, or the PostgreSQL store for a postgresql:// URL (which the factory does not take yet)."""
-    return PostgresLedgerStore(url) if url.startswith("postgresql://") else open_ledger(url)
+    """The store `url` names (the factory takes every backend's URL now)."""
+    return open_ledger(url)
 
 
 @pytest.fixture
@@ -246,7 +247,8 @@ async def test_entry_json_has_the_documented_keys(ledger: LedgerStore) -> None:
     [entry] = await ledger.entries()
 
     assert entry.to_json() == {"seq": 1, "kind": "credit", "node": "n1", "owner": "alice", "job": "job-1",
-                               "task": "t1", "amount": 5, "result_digest": DIGEST, "created_at": 1_700_000_000.0}
+                               "task": "t1", "amount": 5, "result_digest": DIGEST, "created_at": 1_700_000_000.0,
+                               "created_at_iso": "2023-11-14T22:13:20.000Z"}
 
 
 async def test_a_closed_store_refuses_work_and_closes_again_quietly(ledger: LedgerStore) -> None:
@@ -285,9 +287,11 @@ async def test_entries_of_every_kind_keep_every_field(ledger: LedgerStore) -> No
     assert [e.record for e in entries] == records
     assert [e.kind for e in entries] == ["grant", "credit", "credit", "charge"]
     assert entries[3].to_json() == {"seq": 4, "kind": "charge", "account": "alice", "job": "job-1", "task": "t1",
-                                    "amount": 14, "created_at": 1_700_000_000.0}
+                                    "amount": 14, "created_at": 1_700_000_000.0,
+                                    "created_at_iso": "2023-11-14T22:13:20.000Z"}
     assert entries[0].to_json() == {"seq": 1, "kind": "grant", "account": "alice", "amount": 1_000,
-                                    "key": "start:acct-1", "memo": "starting grant", "created_at": 1_700_000_000.0}
+                                    "key": "start:acct-1", "memo": "starting grant", "created_at": 1_700_000_000.0,
+                                    "created_at_iso": "2023-11-14T22:13:20.000Z"}
 
 
 async def test_a_task_is_charged_once_whatever_the_repeats(ledger: LedgerStore) -> None:
@@ -502,9 +506,10 @@ async def test_clawbacks_and_refunds_keep_every_field(ledger: LedgerStore) -> No
     assert [e.delta for e in entries] == [7, -7, -7, 7]
     assert entries[2].to_json() == {"seq": 3, "kind": "clawback", "account": "bob", "node": "n1", "job": "job-1",
                                     "task": "t1", "amount": 7, "reason": "failed an audit", "ref": "l1",
-                                    "created_at": 2.0}
+                                    "created_at": 2.0, "created_at_iso": "1970-01-01T00:00:02.000Z"}
     assert entries[3].to_json() == {"seq": 4, "kind": "refund", "account": "alice", "job": "job-1", "task": "t1",
-                                    "amount": 7, "ref": "l1", "created_at": 2.0}
+                                    "amount": 7, "ref": "l1", "created_at": 2.0,
+                                    "created_at_iso": "1970-01-01T00:00:02.000Z"}
 
 
 async def test_a_reversal_is_written_once_whatever_the_repeats(ledger: LedgerStore) -> None:
@@ -593,13 +598,33 @@ async def test_open_ledger_sqlite_url_gives_an_sqlite_store_on_that_file(tmp_pat
     assert (tmp_path / "ledger.db").exists()
 
 
+async def test_open_ledger_postgresql_url_gives_a_postgres_store_on_that_database() -> None:
+    # `--db postgresql://...` used to be refused; the ledger must land in the database (and the
+    # schema) the URL names, tables created on first use.
+    require_service("PostgreSQL", HOST, PORT)
+    async with fresh_schema() as url:
+        for spelling in (url, url.replace("postgresql://", "postgres://", 1)):
+            async with open_ledger(spelling) as store:
+                assert isinstance(store, PostgresLedgerStore)
+                await store.append([credit("t1", "n1"), credit("t1", "n1")])
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch("SELECT seq, kind, task, node FROM ledger_entries")
+            tables = {r[0] for r in await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
+        finally:
+            await conn.close()
+    assert [tuple(r) for r in rows] == [(1, "credit", "t1", "n1")]
+    assert {"ledger_entries", "ledger_head", "ledger_checkpoints"} <= tables
+
+
 async def test_open_ledger_private_sqlite_memory_database_works() -> None:
     async with open_ledger("sqlite://") as store:
         assert await store.append([credit("t1", "n1"), credit("t1", "n1")]) == 1
 
 
-@pytest.mark.parametrize("url", ["", "postgres://localhost/ledger", "sqlite:///", "ledger.db",
-                                 "sqlite:/x.db"])
+@pytest.mark.parametrize("url", ["", "mysql://localhost/ledger", "sqlite:///", "ledger.db",
+                                 "sqlite:/x.db", "postgresql://", "postgres:///?options=x"])
 def test_open_ledger_rejects_what_it_cannot_open(url: str) -> None:
     with pytest.raises(LedgerError, match="ledger URL"):
         open_ledger(url)
