@@ -10,25 +10,35 @@ Builds a log of `--leaves` ledger entries (real `Credit.leaf_bytes()`), then mea
   and their length;
 - full-log recomputation, what `ledger verify` does from outside: the leaf bytes of every entry
   rebuilt from the records, hashed and folded into the root (goal: at least 100,000 entries/s);
-  also the hashing alone, from leaf bytes.
-Prints a markdown table. Single-threaded; takes about a minute on one core.
+  also the hashing alone, from leaf bytes;
+- the coordinator's notary (ledger/notary.py): append with proofs (entries absorbed in commits of
+  `--batch`, a signed checkpoint per commit and an inclusion proof for each entry against it, as
+  receipts need) and the full-tree rebuild from entries (what a coordinator does at start), in
+  memory; and, with `--sqlite`, the rebuild paged from a real SQLite coordinator database
+  (coordinator/ledger_notary.py, 10,000 entries a page); and the tree's memory (tracemalloc).
+Prints a markdown table. Single-threaded; takes a minute or two on one core.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import random
 import sys
+import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ledger.entries import Credit  # noqa: E402
+from ledger.entries import Credit, Entry  # noqa: E402
 from ledger.merkle import MerkleLog, leaf_hash, root_of, verify_consistency, verify_inclusion  # noqa: E402
+from ledger.notary import Notary  # noqa: E402
+from protocol.signing import Identity  # noqa: E402
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -42,6 +52,8 @@ def main() -> None:
     parser.add_argument("--leaves", type=int, default=1_000_000)
     parser.add_argument("--proofs", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1000, help="entries per commit for append with proofs")
+    parser.add_argument("--sqlite", action="store_true", help="also rebuild the tree from a SQLite coordinator db")
     args = parser.parse_args()
     n, rng = args.leaves, random.Random(args.seed)
 
@@ -88,10 +100,79 @@ def main() -> None:
     assert recomputed[1] == root
     rows.append(("full-log recomputation from leaf bytes (hash + root)", f"{n / t:,.0f} entries/s"))
 
+    entries = [Entry(i + 1, r) for i, r in enumerate(records)]
+    identity = Identity.generate()
+    rows.append(append_with_proofs(entries, identity, args.batch))
+    notary = Notary(identity)
+    t = timed(lambda: notary.absorb(entries))
+    assert notary.root() == root
+    rows.append((f"notary rebuild from {n:,} entries in memory (leaf bytes + hash + tree)", f"{n / t:,.0f} entries/s"))
+    rows.append(tree_memory(entries, identity))
+    if args.sqlite:
+        rows.extend(asyncio.run(rebuild_from_sqlite(records, identity, root)))
+
     width = max(len(name) for name, _ in rows)
     print(f"| {'measure':<{width}} | result |\n|{'-' * (width + 2)}|--------|")
     for name, value in rows:
         print(f"| {name:<{width}} | {value} |")
+
+
+def append_with_proofs(entries: list[Entry], identity: Identity, batch: int) -> tuple[str, str]:
+    """Commits of `batch` entries: absorb, sign a checkpoint, an inclusion proof for each entry."""
+    notary = Notary(identity)
+
+    def run() -> None:
+        for start in range(0, len(entries), batch):
+            page = entries[start:start + batch]
+            notary.absorb(page)
+            cp = notary.sign(1_767_225_600_000 + start)
+            for e in page:
+                notary.inclusion_proof(e.seq, cp.size)
+
+    t = timed(run)
+    return (f"notary append with proofs (commits of {batch:,}: absorb, sign, a proof per entry)",
+            f"{len(entries) / t:,.0f} entries/s")
+
+
+async def rebuild_from_sqlite(records: list[Credit], identity: Identity, root: bytes) -> list[tuple[str, str]]:
+    """The coordinator's start: every entry paged out of a real SQLite database into the tree."""
+    import sqlite3
+
+    from coordinator.ledger_notary import LedgerNotary
+    from coordinator.store_factory import open_store
+    from ledger import sqlite as ledger_sql
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "coordinator.db"
+        store = open_store(f"sqlite:///{path}")
+        await store.close()  # creates the schema
+        with sqlite3.connect(path) as conn:
+            for start in range(0, len(records), 100_000):
+                ledger_sql.insert_entries(conn, records[start:start + 100_000])
+        store = open_store(f"sqlite:///{path}")
+        try:
+            adapter = LedgerNotary(store, identity)
+            t0 = time.perf_counter()
+            await adapter.open()
+            t = time.perf_counter() - t0
+            assert adapter.notary.root() == root
+        finally:
+            await store.close()
+    n = len(records)
+    return [(f"coordinator start: rebuild from SQLite, {n:,} entries (paged read + tree)", f"{n / t:,.0f} entries/s")]
+
+
+def tree_memory(entries: list[Entry], identity: Identity) -> tuple[str, str]:
+    """What the notary's tree holds once built: the entries exist already, so the rest is the tree."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        notary = Notary(identity)
+        notary.absorb(entries)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    return f"notary tree memory at {len(entries):,} entries (tracemalloc)", f"{held / 2**20:,.1f} MiB"
 
 
 if __name__ == "__main__":

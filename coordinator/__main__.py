@@ -15,6 +15,7 @@ from aiohttp import web
 from .app import make_app
 from .broker_acl import BrokerAclError, parse_admin
 from .http_api import COORDINATOR
+from .ledger_notary import LedgerRefused
 from .retention import parse_duration
 from .settings import CoordinatorSettings, parse_hostport
 
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--max-output-mb", type=int, default=d.max_output_bytes // 2**20, metavar="MB",
                     help="most bytes a node may upload for one task when the model's output shapes do not bound "
                          "it (default %(default)s)")
+    lg = p.add_argument_group("ledger", "the signed, tamper-evident log of credits")
+    lg.add_argument("--checkpoint-seconds", type=float, default=d.checkpoint_seconds, metavar="S",
+                    help="how often new ledger entries are put under a signed checkpoint (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -102,7 +106,8 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                job_deadline=args.job_deadline, audit_workers=args.audit_workers,
                                model_probes=args.model_probes, retention_seconds=args.retention,
                                retention_sweep_seconds=args.retention_sweep_seconds,
-                               max_output_bytes=args.max_output_mb * 2**20)
+                               max_output_bytes=args.max_output_mb * 2**20,
+                               checkpoint_seconds=args.checkpoint_seconds)
 
 
 def _duration(text: str) -> float:
@@ -161,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(serve(settings))
+    except LedgerRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except BrokerAclError as exc:
         print(f"error: {exc}. Check --broker-admin and that the broker loads the dynamic-security plugin "
               "(deploy/mosquitto-dynsec.conf).", file=sys.stderr)

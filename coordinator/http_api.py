@@ -11,7 +11,6 @@ from typing import Any
 
 from aiohttp import web
 
-from ledger.entries import account_of
 from protocol.certs import NodeCertificate
 from protocol.digests import is_sha256_hex, sha256_hex
 from protocol.errors import BadCertificate, PeerError
@@ -19,11 +18,13 @@ from protocol.npz import from_npz, to_npz
 from protocol.tensors import decode_tensor_map, digest_tensors
 
 from .accounts import Account, Refused
+from .app_keys import COORDINATOR
 from .broker_acl import BrokerAclError
 from .budget import InsufficientCredit
 from .http_auth import JOB_TOKEN_HEADER, PRINCIPAL, Access, Principal, access, body_limit, refuse
 from .jobs import BadJob, JobOptions
 from .json_inputs import MAX_JSON_BODY_BYTES, parse_json_job
+from .ledger_http import add_ledger_routes
 from .model_probe import ProbeBusy
 from .models import InvalidModel
 from .openapi import OPENAPI_PATH, serve_openapi
@@ -31,7 +32,8 @@ from .queries import JobView, LeaseView
 from .retention import OutputsGone, UploadRefused, gone_message
 from .service import Coordinator, off_loop
 
-COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
+__all__ = ["COORDINATOR", "add_routes"]
+
 log = logging.getLogger("sparecycles.coordinator.http")
 NPZ = "application/x-npz"
 
@@ -368,58 +370,6 @@ async def put_blob(request: web.Request) -> web.Response:
     return web.json_response({"blob": digest, "size": len(data)}, status=201 if created else 200)
 
 
-def _paging(request: web.Request) -> tuple[int, int]:
-    try:
-        # clamped to what the ledger's 64-bit sequence numbers can be: past the end is simply empty
-        after = min(2**63 - 1, max(0, int(request.query.get("after", 0))))
-        limit = min(10_000, max(1, int(request.query.get("limit", 1000))))
-    except ValueError:
-        raise web.HTTPBadRequest(text=json.dumps({"error": "after and limit must be integers"}),
-                                 content_type="application/json") from None
-    return after, limit
-
-
-async def ledger_balances(request: web.Request) -> web.Response:
-    c = request.app[COORDINATOR]
-    return web.json_response((await c.ledger_balances()).to_json())
-
-
-async def ledger_node(request: web.Request) -> web.Response:
-    c = request.app[COORDINATOR]
-    node = request.match_info["node"]
-    entries = await c.ledger_history(node)
-    if not entries:
-        return fail(404, f"no credits for node {node}")
-    return web.json_response({"node": node, "owner": entries[0].account,
-                              "credits": sum(e.delta for e in entries),  # clawbacks count against
-                              "entries": [e.to_json() for e in entries]})
-
-
-async def ledger_account(request: web.Request) -> web.Response:
-    """An account's entries (grants, credits earned, charges paid) and its balance. Public, like
-    every ledger read: the ledger is there to be checked by anyone. An account without entries
-    answers balance 0 rather than 404: the ledger does not know which accounts exist."""
-    c = request.app[COORDINATOR]
-    name = request.match_info["name"]
-    entries = await c.ledger_account(name)
-    return web.json_response({**account_of(name, entries).to_json(), "entries": [e.to_json() for e in entries]})
-
-
-async def ledger_entries(request: web.Request) -> web.Response:
-    c = request.app[COORDINATOR]
-    after, limit = _paging(request)
-    entries = await c.ledger_entries(after, limit)
-    return web.json_response({"entries": [e.to_json() for e in entries],
-                              "next": entries[-1].seq if len(entries) == limit else None})
-
-
-async def ledger_accepted(request: web.Request) -> web.Response:
-    c = request.app[COORDINATOR]
-    after, limit = _paging(request)
-    rows = await c.ledger_accepted(after, limit)
-    return web.json_response({"accepted": rows, "next": rows[-1]["seq"] if len(rows) == limit else None})
-
-
 # ---- accounts, nodes, operators ---------------------------------------------------------------
 @access(Access.SIGNED)
 async def post_account(request: web.Request) -> web.Response:
@@ -555,11 +505,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/jobs/{job}/outputs", get_outputs)
     app.router.add_get("/v1/blobs/{digest}", get_blob)
     app.router.add_put("/v1/blobs/{digest}", put_blob)
-    app.router.add_get("/v1/ledger/balances", ledger_balances)
-    app.router.add_get("/v1/ledger/nodes/{node}", ledger_node)
-    app.router.add_get("/v1/ledger/accounts/{name}", ledger_account)
-    app.router.add_get("/v1/ledger/entries", ledger_entries)
-    app.router.add_get("/v1/ledger/accepted", ledger_accepted)
+    add_ledger_routes(app)
     app.router.add_post("/v1/accounts", post_account)
     app.router.add_get("/v1/accounts/me", get_me)
     app.router.add_post("/v1/nodes", post_node)

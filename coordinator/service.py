@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiomqtt
 import numpy.typing as npt
 
+from ledger.checkpoint import Checkpoint
 from ledger.entries import Balances, Entry
 from protocol.codec import open_envelope, seal
 from protocol.digests import node_id_from_public_key, sha256_hex
@@ -34,6 +35,7 @@ from .broker_acl import DynamicSecurity, parse_admin
 from .budget import Budget
 from .engine import AuditRequest, Engine
 from .jobs import JobOptions, plan_job
+from .ledger_notary import LedgerNotary
 from .membership import Membership
 from .model_probe import Prober
 from .models import InvalidModel, inspect_model
@@ -113,6 +115,7 @@ class Coordinator:
                                      coordinator_key=self.identity.public_key, counters=self.counters)
         self._mqtt_login: tuple[str | None, str | None] = settings.broker_login
         self.broker_access_controlled = False
+        self.ledger_notary = LedgerNotary(self.store, self.identity)
 
     def _key_path(self) -> str | None:
         if self.settings.key_path:
@@ -123,6 +126,14 @@ class Coordinator:
 
     # ---- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        try:
+            # First: a ledger changed behind our back refuses to start before anything acts on it.
+            await self.ledger_notary.open()
+        except BaseException:
+            await self.auditor.close()
+            await self.prober.close()
+            await self.store.close()
+            raise
         await self.membership.load()
         await self._setup_broker_access()
         self.engine.trust.restore(await self.store.load_trust())
@@ -130,7 +141,9 @@ class Coordinator:
         self._tasks = [asyncio.create_task(self._mqtt_loop(), name="mqtt"),
                        asyncio.create_task(self._persist_loop(), name="persist"),
                        asyncio.create_task(self._sweep_loop(), name="sweep"),
-                       asyncio.create_task(self._retention_loop(), name="retention")]
+                       asyncio.create_task(self._retention_loop(), name="retention"),
+                       asyncio.create_task(self.ledger_notary.run(self.settings.checkpoint_seconds),
+                                           name="notary")]
 
     async def stop(self) -> None:
         for t in [*self._tasks, *self._audit_tasks]:
@@ -140,6 +153,10 @@ class Coordinator:
         await self.prober.close()
         await self.store.save_trust(self.engine.trust.take_changed())
         await self._flush_now()
+        try:
+            await self.ledger_notary.tick(time.time_ns() // 1_000_000)  # the last entries leave signed
+        except Exception:
+            log.exception("signing the last checkpoint failed; the next start signs it")
         await self.store.close()
 
     async def _restore(self) -> None:
@@ -304,12 +321,15 @@ class Coordinator:
         return self.engine.trust_view(node, record.owner if record is not None else None)
 
     # ---- ledger reads -------------------------------------------------------------------------
-    async def ledger_balances(self) -> Balances:
-        await self.flush()  # credits of verdicts already reported must show
-        return await self.store.ledger_balances()
+    async def ledger_balances(self, upto: int | None = None) -> Balances:
+        """Over the whole ledger, or over entries with seq <= `upto` (a checkpoint's size: a
+        snapshot that never changes)."""
+        if upto is None:
+            await self.flush()  # credits of verdicts already reported must show
+        return await self.store.ledger_balances(upto=upto)
 
-    async def ledger_entries(self, after: int, limit: int) -> list[Entry]:
-        return await self.store.ledger_entries(after, limit)
+    async def ledger_entries(self, after: int, limit: int, upto: int | None = None) -> list[Entry]:
+        return await self.store.ledger_entries(after, limit, upto=upto)
 
     async def ledger_history(self, node: str) -> list[Entry]:
         return await self.store.ledger_history(node)
@@ -319,8 +339,16 @@ class Coordinator:
         await self.flush()  # charges and credits of verdicts already reported must show
         return await self.store.account_history(name)
 
-    async def ledger_accepted(self, after: int, limit: int) -> list[dict[str, Any]]:
-        return await self.store.accepted(after, limit)
+    async def ledger_accepted(self, after: int, limit: int, upto: int | None = None) -> list[dict[str, Any]]:
+        return await self.store.accepted(after, limit, upto=upto)
+
+    async def ledger_job(self, job: str) -> list[Entry]:
+        """Every entry of `job` (credits, charges, clawbacks, refunds), in seq order."""
+        await self.flush()
+        return await self.store.ledger_job(job)
+
+    async def ledger_checkpoints(self, after_size: int, limit: int) -> list[Checkpoint]:
+        return await self.store.checkpoints(after_size, limit)
 
     async def credit_of(self, account: str) -> dict[str, int]:
         """An account's committed balance, what its running jobs have reserved, and the rest."""

@@ -52,6 +52,9 @@ class CoordinatorSettings:
     silence_seconds: float = 10.0  # a node silent this long (it heartbeats every 2 s) loses its leases
     job_deadline: float = 3600.0  # default seconds for a job's tasks to be decided, or fail with a reason
     audit_workers: int = 1  # sandboxed processes running audits at once
+    # Ledger (coordinator/ledger_notary.py): a new entry is under a signed checkpoint about this long
+    # after its commit; an idle ledger signs nothing.
+    checkpoint_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         if self.registration not in ("open", "invite", "closed"):
@@ -62,6 +65,8 @@ class CoordinatorSettings:
             raise ValueError("--retention must be 0 (keep forever) or a positive duration")
         if self.retention_sweep_seconds <= 0 or self.max_output_bytes <= 0:
             raise ValueError("--retention-sweep-seconds and --max-output-mb must be positive")
+        if not 0 < self.checkpoint_seconds <= 3600:
+            raise ValueError(f"--checkpoint-seconds must be in (0, 3600], got {self.checkpoint_seconds}")
 
     @property
     def lowest_replicas(self) -> int:
