@@ -10,6 +10,10 @@ the sum of the task's credits, account balances equal the sums of their entries,
 add up to the credit granted - plus, until every job has a submitter, the credits of jobs without
 one, which nobody pays for.
 
+Each standing credit also names the accepted result's outputs (`result_digest` against the row's
+`output_digest`) and, when the accepted row carries `flops_per_row` and `rows` (the cost model's
+inputs, `ledger.credit`), its amount must be what the cost model gives for them.
+
 Reopened tasks (issue 8). A task's entries fall into rounds, one per verdict: its credits and its
 charge, then, if the task was reopened, a clawback for each of those credits and a refund of the
 charge, all under the ref of the lease no longer believed. A reversed round must be reversed
@@ -23,6 +27,8 @@ credited for a task again after a clawback, but never twice within one round.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeGuard
@@ -31,7 +37,7 @@ VERIFIED: Final = "verified"
 KINDS: Final = ("credit", "charge", "grant", "clawback", "refund")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Credit:
     seq: int
     node: str
@@ -40,6 +46,7 @@ class _Credit:
     task: str
     amount: int
     ref: str
+    result_digest: str = ""
 
     @property
     def account(self) -> str:
@@ -49,7 +56,7 @@ class _Credit:
         return f"seq {self.seq} (task {self.task}, node {self.node})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Charge:
     seq: int
     account: str
@@ -62,7 +69,7 @@ class _Charge:
         return f"seq {self.seq} (charge, task {self.task})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Grant:
     seq: int
     account: str
@@ -73,7 +80,7 @@ class _Grant:
         return f"seq {self.seq} (grant {self.key})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Clawback:
     seq: int
     account: str
@@ -87,7 +94,7 @@ class _Clawback:
         return f"seq {self.seq} (clawback, task {self.task}, node {self.node})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Refund:
     seq: int
     account: str
@@ -101,6 +108,8 @@ class _Refund:
 
 
 _Parsed = _Credit | _Charge | _Grant | _Clawback | _Refund
+"""Not frozen, never changed: a frozen dataclass builds through object.__setattr__, and a ledger
+parses millions of these (ledger verify's goal is 100,000 entries/s)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -115,7 +124,7 @@ class _Round:
     refunds: list[_Refund] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Accepted:
     task: str
     job: str
@@ -123,6 +132,8 @@ class _Accepted:
     owner: str
     task_state: str
     submitter: str  # "" for a job without a submitter (internal use): nobody is charged
+    output_digest: str = ""  # "" when the row does not say
+    price: tuple[int, int] | None = None  # (flops_per_row, rows) when the row carries the cost model's inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,19 +241,18 @@ def _check_entries(entries: Sequence[Mapping[str, Any]], items: Sequence[_Parsed
             seq = raw.get("seq") if isinstance(raw, Mapping) else None
             previous = seq if _is_int(seq) and seq > previous else previous + 1
             continue
-        where = entry.where()
         if entry.seq <= previous:
-            found.append(f"{where}: seq does not increase, it follows seq {previous}")
+            found.append(f"{entry.where()}: seq does not increase, it follows seq {previous}")
         elif entry.seq > previous + 1:
             missing = str(previous + 1) if entry.seq == previous + 2 else f"{previous + 1}..{entry.seq - 1}"
-            found.append(f"{where}: gap in seq, {missing} missing")
+            found.append(f"{entry.where()}: gap in seq, {missing} missing")
         previous = max(previous, entry.seq)
 
         if index in repeats:
             first, what = repeats[index]
-            found.append(f"{where}: duplicate {what}, already {_verb(entry)} at seq {first}")
+            found.append(f"{entry.where()}: duplicate {what}, already {_verb(entry)} at seq {first}")
         if entry.amount <= 0:
-            found.append(f"{where}: amount {entry.amount} is not positive")
+            found.append(f"{entry.where()}: amount {entry.amount} is not positive")
         if rnd is None:
             continue
         if isinstance(entry, _Credit | _Charge):
@@ -321,36 +331,52 @@ def _check_same(where: str, what: str, entry: _Clawback | _Refund, paid: _Credit
 
 def _check_against_record(credit: _Credit, record: _Accepted | None, task: _Task | None,
                           found: list[str]) -> None:
-    where = credit.where()
     if task is None:
-        found.append(f"{where}: task {credit.task} is not in the coordinator's record of accepted results")
+        found.append(f"{credit.where()}: task {credit.task} is not in the coordinator's record of accepted results")
         return
     state = record.task_state if record is not None else task.state
     if state != VERIFIED:
-        found.append(f"{where}: task {credit.task} is {state!r}, not verified")
+        found.append(f"{credit.where()}: task {credit.task} is {state!r}, not verified")
     if record is None:
-        found.append(f"{where}: node {credit.node}'s result was not accepted for task {credit.task}")
+        found.append(f"{credit.where()}: node {credit.node}'s result was not accepted for task {credit.task}")
         return
     if credit.job != record.job:
-        found.append(f"{where}: job {credit.job} does not match the accepted result's job {record.job}")
+        found.append(f"{credit.where()}: job {credit.job} does not match the accepted result's job {record.job}")
     if credit.owner != record.owner:
-        found.append(f"{where}: owner {credit.owner} does not match the accepted result's owner "
+        found.append(f"{credit.where()}: owner {credit.owner} does not match the accepted result's owner "
                      f"{record.owner}")
+    if credit.result_digest and record.output_digest and credit.result_digest != record.output_digest:
+        found.append(f"{credit.where()}: credits result {credit.result_digest[:16]}..., but the accepted "
+                     f"result's outputs are {record.output_digest[:16]}...")
+    if record.price is not None:
+        due = _price(*record.price)
+        if credit.amount != due:
+            flops, rows = record.price
+            found.append(f"{credit.where()}: amount {credit.amount} does not follow from the cost model: "
+                         f"{rows} rows of {flops} FLOPs each are worth {due} credits")
+
+
+@functools.lru_cache(maxsize=1024)
+def _price(flops_per_row: int, rows: int) -> int:
+    """Cached: a job's tasks share a model and mostly a row count, so a ledger has few prices."""
+    # Imported here: ledger.credit loads onnx (~250 ms), needed only when the rows carry a price.
+    from .credit import ModelCost, credit_amount
+
+    return credit_amount(ModelCost(flops_per_row), rows)
 
 
 def _check_charge(charge: _Charge, task: _Task | None, found: list[str]) -> None:
-    where = charge.where()
     if task is None:
-        found.append(f"{where}: task {charge.task} is not in the coordinator's record of accepted results")
+        found.append(f"{charge.where()}: task {charge.task} is not in the coordinator's record of accepted results")
         return
     if task.state != VERIFIED:
-        found.append(f"{where}: task {charge.task} is {task.state!r}, not verified")
+        found.append(f"{charge.where()}: task {charge.task} is {task.state!r}, not verified")
     if charge.job != task.job:
-        found.append(f"{where}: job {charge.job} does not match the task's job {task.job}")
+        found.append(f"{charge.where()}: job {charge.job} does not match the task's job {task.job}")
     if not task.submitter:
-        found.append(f"{where}: job {task.job} has no submitter, so nobody may be charged for it")
+        found.append(f"{charge.where()}: job {task.job} has no submitter, so nobody may be charged for it")
     elif charge.account != task.submitter:
-        found.append(f"{where}: {charge.account} is charged, but job {task.job} was submitted by "
+        found.append(f"{charge.where()}: {charge.account} is charged, but job {task.job} was submitted by "
                      f"{task.submitter}")
 
 
@@ -361,13 +387,20 @@ def _check_balances(parsed: Sequence[_Parsed], balances: Mapping[str, Any], foun
     want_owners: dict[tuple[str, ...], tuple[int, ...]] = {}
     total = count = 0
     for c in parsed:
-        if not isinstance(c, _Credit | _Clawback):
+        kind = type(c)  # exact types, no property calls: this loop runs once per entry
+        if kind is _Credit:
+            sign, account = 1, c.owner  # type: ignore[union-attr]
+        elif kind is _Clawback:
+            sign, account = -1, c.account
+        else:
             continue
-        sign = 1 if isinstance(c, _Credit) else -1
-        for tally, key in ((want_nodes, (c.node, c.account)), (want_owners, (c.account,))):
-            amount, entries = tally.get(key, (0, 0))
-            tally[key] = (amount + sign * c.amount, entries + sign)
-        total, count = total + sign * c.amount, count + sign
+        amount = sign * c.amount
+        key = (c.node, account)  # type: ignore[union-attr]
+        have, entries = want_nodes.get(key, (0, 0))
+        want_nodes[key] = (have + amount, entries + sign)
+        have, entries = want_owners.get((account,), (0, 0))
+        want_owners[(account,)] = (have + amount, entries + sign)
+        total, count = total + amount, count + sign
 
     got_nodes = _balance_rows(balances, "nodes", ("node", "owner"), ("credits", "entries"), found)
     got_owners = _balance_rows(balances, "owners", ("owner",), ("credits", "entries"), found)
@@ -494,7 +527,11 @@ def _accepted_records(accepted: Sequence[Mapping[str, Any]], found: list[str]) -
             found.append(f"accepted result #{index} is malformed: field 'submitter' is missing or not a string")
             continue
         task, job, node, owner, task_state = fields
-        records.append(_Accepted(task, job, node, owner, task_state, submitter))
+        digest = raw.get("output_digest")
+        flops, rows = raw.get("flops_per_row"), raw.get("rows")
+        price = (flops, rows) if _is_int(flops) and flops > 0 and _is_int(rows) and rows >= 0 else None
+        records.append(_Accepted(task, job, node, owner, task_state, submitter,
+                                 digest if isinstance(digest, str) else "", price))
     return records
 
 
@@ -507,7 +544,7 @@ issue 8, and absent from the JSON then)."""
 
 def _parse_entry(raw: object) -> _Parsed | str:
     """A well-formed entry of a known kind, or what is wrong with it."""
-    if not isinstance(raw, Mapping):
+    if type(raw) is not dict and not isinstance(raw, Mapping):  # the exact type first: ABC checks are slow
         return f"not an object: {raw!r}"
     kind = raw.get("kind")
     names = _FIELDS.get(kind if isinstance(kind, str) else "")
@@ -517,16 +554,16 @@ def _parse_entry(raw: object) -> _Parsed | str:
     if isinstance(fields, str):
         return fields
     seq, amount, ref = raw.get("seq"), raw.get("amount"), raw.get("ref", "")
-    what = f"{kind} " + ", ".join(f"{n} {v}" for n, v in zip(names, fields, strict=True) if n != "owner")
     if not _is_int(seq):
-        return f"seq {seq!r} is not an integer ({what})"
+        return f"seq {seq!r} is not an integer ({_what(str(kind), names, fields)})"
     if not _is_int(amount):
-        return f"amount {amount!r} is not an integer ({what})"
+        return f"amount {amount!r} is not an integer ({_what(str(kind), names, fields)})"
     if not isinstance(ref, str):
-        return f"ref {ref!r} is not a string ({what})"
+        return f"ref {ref!r} is not a string ({_what(str(kind), names, fields)})"
     if kind == "credit":
         node, owner, job, task = fields
-        return _Credit(seq, node, owner, job, task, amount, ref)
+        digest = raw.get("result_digest")
+        return _Credit(seq, node, owner, job, task, amount, ref, digest if isinstance(digest, str) else "")
     if kind == "charge":
         account, job, task = fields
         return _Charge(seq, account, job, task, amount, ref)
@@ -540,7 +577,24 @@ def _parse_entry(raw: object) -> _Parsed | str:
     return _Grant(seq, account, key, amount)
 
 
+_GETTERS: dict[tuple[str, ...], Callable[[Mapping[str, Any]], Any]] = {}
+
+
+def _what(kind: str, names: tuple[str, ...], fields: tuple[str, ...]) -> str:
+    return f"{kind} " + ", ".join(f"{n} {v}" for n, v in zip(names, fields, strict=True) if n != "owner")
+
+
 def _strings(raw: object, names: tuple[str, ...]) -> tuple[str, ...] | str:
+    if type(raw) is dict:  # the common case, in C calls only (a ledger has millions of these)
+        getter = _GETTERS.get(names) or _GETTERS.setdefault(names, operator.itemgetter(*names))
+        try:
+            found = getter(raw)
+        except KeyError:
+            pass
+        else:
+            found = found if type(found) is tuple else (found,)
+            if "" not in found and set(map(type, found)) == {str}:
+                return found  # all str: just checked
     if not isinstance(raw, Mapping):
         return f"not an object: {raw!r}"
     values: list[str] = []
@@ -554,4 +608,4 @@ def _strings(raw: object, names: tuple[str, ...]) -> tuple[str, ...] | str:
 
 def _is_int(value: object) -> TypeGuard[int]:
     # bool is an int in Python; JSON true must not pass for a count.
-    return isinstance(value, int) and not isinstance(value, bool)
+    return type(value) is int or (isinstance(value, int) and not isinstance(value, bool))

@@ -18,7 +18,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -396,39 +396,86 @@ class Client:
         path = f"/v1/nodes/{quote(node, safe='')}/trust"
         return _as_dict(await self._json("GET", path, sign=False), path)
 
-    # -- ledger ------------------------------------------------------------------------------------
+    # -- ledger (public reads: anyone may check the ledger) -------------------------------------------
 
-    async def balances(self) -> dict[str, Any]:
-        return _as_dict(await self._json("GET", "/v1/ledger/balances"), "/v1/ledger/balances")
+    async def _ledger(self, path: str, params: Mapping[str, str | int | float | None] | None = None) -> dict[str, Any]:
+        return _as_dict(await self._json("GET", path, params=params, sign=False), path)
+
+    async def balances(self, *, upto: int | None = None) -> dict[str, Any]:
+        """Balances per node, owner and account; with `upto`, over the entries with seq <= upto only
+        (one consistent snapshot, e.g. at a checkpoint's size)."""
+        return await self._ledger("/v1/ledger/balances", {"upto": upto})
 
     async def history(self, node: str) -> dict[str, Any]:
-        path = f"/v1/ledger/nodes/{quote(node, safe='')}"
-        return _as_dict(await self._json("GET", path), path)
+        """One node's credit entries (404 for a name that is no node: see `account`)."""
+        return await self._ledger(f"/v1/ledger/nodes/{quote(node, safe='')}")
 
-    async def entries(self) -> list[dict[str, Any]]:
-        """Every ledger entry, in sequence order, following the `next` cursor page by page."""
-        return await self._paged("/v1/ledger/entries", "entries")
+    async def account(self, name: str) -> dict[str, Any]:
+        """One account's entries (grants, credits earned, charges paid) and its balance."""
+        return await self._ledger(f"/v1/ledger/accounts/{quote(name, safe='')}")
 
-    async def accepted(self) -> list[dict[str, Any]]:
-        """Every accepted (task, node) pair the coordinator recorded, following `next`."""
-        return await self._paged("/v1/ledger/accepted", "accepted")
+    async def job_ledger(self, job: str) -> dict[str, Any]:
+        """A job's entries, what it cost its submitter and who computed it."""
+        return await self._ledger(f"/v1/ledger/jobs/{quote(job, safe='')}")
 
-    async def _paged(self, path: str, field: str) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
+    async def checkpoint(self) -> dict[str, Any]:
+        """`{"checkpoint": {...}, "public_key": hex}`: the newest signed checkpoint."""
+        return await self._ledger("/v1/ledger/checkpoint")
+
+    async def checkpoints(self, *, after: int = 0, limit: int = PAGE_LIMIT) -> list[dict[str, Any]]:
+        """Signed checkpoints of size > `after`, ascending, at most `limit`."""
+        answer = await self._ledger("/v1/ledger/checkpoints", {"after": after, "limit": limit})
+        return _list_of(answer, "checkpoints", "/v1/ledger/checkpoints")
+
+    async def inclusion_proof(self, seq: int, size: int) -> dict[str, Any]:
+        """`{"seq", "index", "size", "entry": leaf hex, "proof": [hex...]}` for entry `seq` in the tree of `size`."""
+        return await self._ledger("/v1/ledger/proof/inclusion", {"seq": seq, "size": size})
+
+    async def consistency_proof(self, old: int, new: int) -> list[str]:
+        """The hashes proving the tree of size `old` is a prefix of the tree of size `new`."""
+        answer = await self._ledger("/v1/ledger/proof/consistency", {"old": old, "new": new})
+        proof = answer.get("proof")
+        if not isinstance(proof, list) or answer.get("old") != old or answer.get("new") != new:
+            raise SparecyclesError(f"/v1/ledger/proof/consistency: no proof from {old} to {new} in the answer")
+        return proof
+
+    async def receipts(self, node: str, *, after: int = 0, limit: int = PAGE_LIMIT) -> dict[str, Any]:
+        """`{"checkpoint", "receipts": [{"seq", "entry", "index", "proof", "checkpoint"}...]}`: the
+        node's credits and clawbacks with after < seq <= the checkpoint's size."""
+        return await self._ledger(f"/v1/ledger/receipts/{quote(node, safe='')}", {"after": after, "limit": limit})
+
+    async def entries(self, *, upto: int | None = None) -> list[dict[str, Any]]:
+        """Every ledger entry (seq <= `upto` if given), in sequence order, following `next` page by page."""
+        return [e async for page in self.entry_pages(upto=upto) for e in page]
+
+    async def accepted(self, *, upto: int | None = None) -> list[dict[str, Any]]:
+        """Every accepted (task, node) pair the coordinator recorded (with `upto`, whose verdict was
+        recorded at ledger size <= upto), following `next`."""
+        return [row async for page in self._pages("/v1/ledger/accepted", "accepted", upto) for row in page]
+
+    def entry_pages(self, *, upto: int | None = None) -> AsyncIterator[list[dict[str, Any]]]:
+        """The ledger page by page: for an export that never holds the whole ledger in memory."""
+        return self._pages("/v1/ledger/entries", "entries", upto)
+
+    async def _pages(self, path: str, field: str, upto: int | None) -> AsyncIterator[list[dict[str, Any]]]:
         after: Any = None
         while True:
-            page = _as_dict(await self._json("GET", path, params={"after": after, "limit": PAGE_LIMIT}), path)
-            rows = page.get(field)
-            if not isinstance(rows, list):
-                raise SparecyclesError(f"{path}: answer has no list {field!r}")
-            items.extend(rows)
+            page = await self._ledger(path, {"after": after, "limit": PAGE_LIMIT, "upto": upto})
+            yield _list_of(page, field, path)
             nxt = page.get("next")
             if nxt is None:
-                return items
+                return
             if nxt == after:
                 # a cursor that does not move would loop forever
                 raise SparecyclesError(f"{path}: paging cursor did not advance past {after!r}")
             after = nxt
+
+
+def _list_of(answer: Mapping[str, Any], field: str, path: str) -> list[dict[str, Any]]:
+    rows = answer.get(field)
+    if not isinstance(rows, list):
+        raise SparecyclesError(f"{path}: answer has no list {field!r}")
+    return rows
 
 
 def _token(read_token: str | None) -> dict[str, str]:

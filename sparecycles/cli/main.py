@@ -38,6 +38,7 @@ from sparecycles.progress import ProgressReporter
 from sparecycles.sdk import Client
 
 from . import accounts as accounts_cli
+from . import ledger_cli
 
 ENV_COORDINATOR = "SPARECYCLES_COORDINATOR"
 DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
@@ -152,17 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_coordinator(trust)
     trust.add_argument("--json", action="store_true", help="print the coordinator's JSON")
 
-    ledger = sub.add_parser("ledger", help="credits earned by nodes and owners")
+    ledger = sub.add_parser("ledger", help="credits earned, what jobs cost, and checking it all from outside")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="LEDGER_COMMAND")
-    balances = ledger_sub.add_parser("balances", help="credits per node and per owner")
-    _add_coordinator(balances)
-    balances.add_argument("--json", action="store_true", help="print the coordinator's JSON")
-    history = ledger_sub.add_parser("history", help="one node's credit entries")
-    history.add_argument("node", metavar="NODE")
-    _add_coordinator(history)
-    history.add_argument("--json", action="store_true", help="print the coordinator's JSON")
-    verify = ledger_sub.add_parser("verify", help="check the ledger against the accepted results")
-    _add_coordinator(verify)
+    ledger_cli.add_parsers(ledger_sub, _add_coordinator)
     accounts_cli.add_parsers(sub, _add_coordinator)
     return parser
 
@@ -190,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in FORWARDED:
             return forward(args.command, args.args)
         if args.command == "ledger" and args.ledger_command is None:
-            raise CliExit(EXIT_USAGE, "say which: `sparecycles ledger balances|history NODE|verify`")
+            raise CliExit(EXIT_USAGE, "say which: `sparecycles ledger balances|history NAME|job JOB|checkpoint|"
+                                      "proof SEQ|export|verify`")
         for group, attr, choices in GROUPS:
             if args.command == group and getattr(args, attr) is None:
                 raise CliExit(EXIT_USAGE, f"say which: `sparecycles {group} {choices}`")
@@ -204,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparecycles: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader (`| head`) has all it wanted: end quietly. Point stdout at /dev/null so that
+        # the interpreter's final flush does not raise again and print a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _import(module: str) -> ModuleType:
@@ -378,59 +378,21 @@ def _cmd_trust(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_balances(args: argparse.Namespace) -> int:
-    balances = _run(args.coordinator, lambda c: c.balances())
-    if args.json:
-        print(json.dumps(balances))
-        return EXIT_OK
-    nodes = [[n.get(k) for k in ("node", "owner", "credits", "entries")] for n in balances.get("nodes") or []]
-    owners = [[o.get(k) for k in ("owner", "credits", "entries")] for o in balances.get("owners") or []]
-    _print_table("nodes", ["node", "owner", "credits", "entries"], nodes)
-    print()
-    _print_table("owners", ["owner", "credits", "entries"], owners)
-    accounts = balances.get("accounts")
-    if accounts is not None:  # a coordinator from before the double-entry ledger sends none
-        columns = ["account", "granted", "earned", "spent", "balance"]
-        print()
-        _print_table("accounts", columns, [[a.get(k) for k in columns] for a in accounts or []])
-    print()
-    if accounts is not None:
-        print(f"granted: {_fmt(balances.get('total_granted'))} credits in all, {len(accounts or [])} accounts")
-    total, count = _fmt(balances.get("total_credits")), _fmt(balances.get("entries"))
-    print(f"total: {total} credits in {count} entries")
-    return EXIT_OK
+def _ledger(command: Callable[..., int]) -> Callable[[argparse.Namespace], int]:
+    """A `sparecycles ledger` command with this module's client runner; its refusals exit like ours."""
 
+    def go(args: argparse.Namespace) -> int:
+        def run(action: Callable[[Client], Awaitable[Any]]) -> Any:
+            return _run(args.coordinator, action)
 
-def _cmd_history(args: argparse.Namespace) -> int:
-    history = _run(args.coordinator, lambda c: c.history(args.node))
-    if args.json:
-        print(json.dumps(history))
-        return EXIT_OK
-    entries = history.get("entries") or []
-    print(f"node {history.get('node', args.node)} (owner {history.get('owner')}): "
-          f"{_fmt(history.get('credits'))} credits in {len(entries)} entries")
-    columns = ["seq", "job", "task", "amount", "created_at"]
-    rows = [[e.get(k) for k in columns] for e in entries]
-    if rows:
-        print()
-        _print_table("entries", columns, rows)
-    return EXIT_OK
+        try:
+            if command is ledger_cli.cmd_verify:
+                return command(args, run, args.coordinator)
+            return command(args, run)
+        except ledger_cli.LedgerCliError as exc:
+            raise CliExit(exc.code, exc.message) from exc
 
-
-def _cmd_verify(args: argparse.Namespace) -> int:
-    find_discrepancies = _import("ledger.verify").find_discrepancies
-
-    async def fetch(client: Client) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        return await client.entries(), await client.accepted(), await client.balances()
-
-    entries, accepted, balances = _run(args.coordinator, fetch)
-    problems: list[str] = list(find_discrepancies(entries, accepted, balances))
-    if problems:
-        print(f"ledger verify FAILED: {len(problems)} discrepancies; the first: {problems[0]}")
-        return EXIT_FAILED
-    print(f"ledger OK: {len(entries)} entries, {_fmt(balances.get('total_credits'))} credits, "
-          f"{len(balances.get('nodes') or [])} nodes")
-    return EXIT_OK
+    return go
 
 
 def _account_key(path: Path | None) -> Identity:
@@ -475,44 +437,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": _cmd_submit,
     "status": _cmd_status,
     "trust": _cmd_trust,
-    "balances": _cmd_balances,
-    "history": _cmd_history,
-    "verify": _cmd_verify,
+    "balances": _ledger(ledger_cli.cmd_balances),
+    "history": _ledger(ledger_cli.cmd_history),
+    "job": _ledger(ledger_cli.cmd_job),
+    "checkpoint": _ledger(ledger_cli.cmd_checkpoint),
+    "proof": _ledger(ledger_cli.cmd_proof),
+    "export": _ledger(ledger_cli.cmd_export),
+    "verify": _ledger(ledger_cli.cmd_verify),
 }
-
-
-# -- tables ----------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6f}".rstrip("0").rstrip(".") if value == value else "nan"
-    return "-" if value is None else str(value)
-
-
-def _print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
-    """A rich table on a terminal; aligned plain text (numbers right-aligned) for pipes and files."""
-    cells = [[_fmt(v) for v in row] for row in rows]
-    numeric = [bool(rows) and all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))]
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title, title_justify="left")
-        for header, is_num in zip(headers, numeric, strict=True):
-            table.add_column(header, justify="right" if is_num else "left")
-        for row in cells:
-            table.add_row(*row)
-        Console().print(table)
-        return
-    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-
-    def line(values: list[str]) -> str:
-        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
-        return "  ".join(parts).rstrip()
-
-    print(line(headers))
-    for row in cells:
-        print(line(row))
-    if not cells:
-        print(f"(no {title})")

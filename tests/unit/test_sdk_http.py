@@ -8,29 +8,35 @@ page size of its own, and records every request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import json
 import socket
+import subprocess
 import sys
 import threading
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from node.receipts import ReceiptBook
 from sparecycles.cli.main import main
 from sparecycles.errors import CoordinatorUnavailable, JobFailed, RequestRejected, WaitTimeout
 from sparecycles.npz import from_npz
 from sparecycles.progress import ProgressReporter
 from sparecycles.sdk import Client
+from tests.unit.ledger_peer import LedgerPeer
+from tests.unit.ledger_peer import serving as serving_app
+from tests.unit.test_ledger_outside import AMOUNT, COORDINATOR, OTHER, Ledger, records
 
 MODEL = b"\x08\x07fake onnx bytes"
 MODEL_SHA = hashlib.sha256(MODEL).hexdigest()
@@ -424,6 +430,7 @@ def test_cli_balances_table_lists_nodes_and_owners(capsys: pytest.CaptureFixture
     assert lines[2].split() == ["n1", "bob", "30.5", "3"]
     assert ["bob", "30.5", "3"] in [line.split() for line in lines]
     assert lines[-1] == "total: 50.5 credits in 5 entries"
+    assert lines[-2].startswith("unit: credit: 1 credit = 1,000 floating-point operations")
 
 
 def test_cli_history_and_status_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -447,42 +454,173 @@ def test_cli_status_of_an_unknown_job_says_so(capsys: pytest.CaptureFixture[str]
     assert "unknown job" in capsys.readouterr().err
 
 
-def fake_verify(monkeypatch: pytest.MonkeyPatch, problems: list[str]) -> list[tuple[Any, ...]]:
-    calls: list[tuple[Any, ...]] = []
-
-    def find_discrepancies(entries: Any, accepted: Any, balances: Any) -> list[str]:
-        calls.append((entries, accepted, balances))
-        return problems
-
-    module = types.ModuleType("ledger.verify")
-    module.find_discrepancies = find_discrepancies  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "ledger.verify", module)
-    return calls
+# -- the ledger from outside (issue 11), against a peer serving a real signed Merkle log -----------------
 
 
-def test_cli_verify_passes_every_page_to_the_checker_and_reports_ok(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    calls = fake_verify(monkeypatch, [])
-
-    with serving(FakeCoordinator()) as url:
-        code = main(["ledger", "verify", "--coordinator", url])
-
-    assert code == 0
-    assert calls == [(ENTRIES, ACCEPTED, BALANCES)]
-    assert capsys.readouterr().out.strip() == "ledger OK: 5 entries, 50.5 credits, 2 nodes"
+def ledger_main(*argv: str) -> int:
+    return main(["ledger", *argv])
 
 
-def test_cli_verify_reports_the_first_discrepancy_and_exits_1(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    fake_verify(monkeypatch, ["entry 3 credits task t3 twice", "balance of n1 is off by 10"])
+def test_verify_checks_one_snapshot_at_the_checkpoint_while_credits_keep_arriving(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Attack-free, but the old false alarm: credits recorded after the checkpoint (19 entries signed,
+    31 written) must not show up as missing or as wrong balances."""
+    peer = LedgerPeer(Ledger(records(10)), signed=19)
+    with serving_app(peer.app()) as url:
+        code = ledger_main("verify", "--coordinator", url, "--state-dir", str(tmp_path / "state"))
 
-    with serving(FakeCoordinator()) as url:
-        code = main(["ledger", "verify", "--coordinator", url])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.startswith("ledger OK: 19 entries up to the checkpoint of ")
+    assert all("upto=19" in r for r in peer.requests if r.startswith(("/v1/ledger/entries", "/v1/ledger/bal",
+                                                                      "/v1/ledger/accepted")))
+    assert json.loads((tmp_path / "state" / "coordinator.json").read_text())["public_key"] == \
+        COORDINATOR.public_key.hex()
+
+
+def test_verify_remembers_checkpoints_and_catches_a_log_rewritten_and_signed_again(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Attack: after a contributor verified, the operator rewrites an early credit in the database and
+    has the coordinator sign the rewritten log afresh."""
+    state = str(tmp_path / "state")
+    with serving_app(LedgerPeer(Ledger(records(4)), signed=10).app()) as url:
+        assert ledger_main("verify", "--coordinator", url, "--state-dir", state) == 0
+    recs = records(6)
+    recs[2] = dataclasses.replace(recs[2], amount=AMOUNT + 1)
+    capsys.readouterr()
+
+    with serving_app(LedgerPeer(Ledger(recs)).app()) as url:
+        code = ledger_main("verify", "--coordinator", url, "--state-dir", state)
 
     out = capsys.readouterr().out
     assert code == 1
-    assert "2 discrepancies" in out
-    assert "entry 3 credits task t3 twice" in out
-    assert "balance of n1" not in out
+    assert "a checkpoint seen before does not agree with the newest: checkpoint of size 10" in out
+    assert "the first change is in seq 1..10" in out
+
+
+def test_verify_refuses_a_key_other_than_the_one_pinned_on_first_use(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Attack: a man in the middle, or a coordinator replaced, answers with its own key."""
+    state = str(tmp_path / "state")
+    with serving_app(LedgerPeer(Ledger(records(2))).app()) as url:
+        assert ledger_main("verify", "--coordinator", url, "--state-dir", state) == 0
+    with serving_app(LedgerPeer(Ledger(records(2), identity=OTHER), signer=OTHER).app()) as url:
+        code = ledger_main("verify", "--coordinator", url, "--state-dir", state)
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"now signs with key {OTHER.public_key.hex()}, but key {COORDINATOR.public_key.hex()} was pinned" in err
+
+
+def test_verify_by_default_pins_per_url_so_a_new_key_cannot_hide_in_a_new_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Attack: the key changes, so the default state directory (named after the coordinator id,
+    which derives from the key) would be a fresh one."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    honest = LedgerPeer(Ledger(records(2)))
+    with serving_app(honest.app()) as url:
+        assert ledger_main("verify", "--coordinator", url) == 0
+        assert (tmp_path / "sparecycles" / "ledger" / COORDINATOR.id / "checkpoints.json").exists()
+        honest.signer, honest.ledger = OTHER, Ledger(records(2), identity=OTHER)
+        code = ledger_main("verify", "--coordinator", url)
+
+    assert code == 1
+    assert "was pinned in" in capsys.readouterr().err
+
+
+def test_verify_with_a_given_key_refuses_a_coordinator_serving_another(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with serving_app(LedgerPeer(Ledger(records(2))).app()) as url:
+        wrong = ledger_main("verify", "--coordinator", url, "--state-dir", str(tmp_path), "--coordinator-key",
+                            OTHER.public_key.hex())
+        bad = ledger_main("verify", "--coordinator", url, "--state-dir", str(tmp_path), "--coordinator-key", "xyz")
+
+    err = capsys.readouterr().err
+    assert (wrong, bad) == (1, 2)
+    assert f"serves public key {COORDINATOR.public_key.hex()}, not the {OTHER.public_key.hex()} you gave" in err
+    assert "a coordinator key is 64 hex characters" in err
+
+
+def test_verify_with_a_nodes_receipts_names_the_credit_edited_in_the_database(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Attack: the operator lowers one of node n1's credits in the database, and fixes the balances
+    and the checkpoint's signature can no longer match; n1's receipt says which credit."""
+    peer = LedgerPeer(Ledger(records(5)))
+    book = ReceiptBook(tmp_path / "node", "n1", COORDINATOR.public_key)
+
+    async def keep_receipts(url: str) -> int:
+        async with aiohttp.ClientSession() as session:
+            return await book.refresh(session, url)
+
+    with serving_app(peer.app()) as url:
+        assert asyncio.run(keep_receipts(url)) == 5
+        assert ledger_main("verify", "--coordinator", url, "--state-dir", str(tmp_path / "s"),
+                           "--receipts", str(tmp_path / "node")) == 0
+        assert "5 receipts included" in capsys.readouterr().out
+        peer.tamper[5] = {**peer.docs()[4], "amount": 1}
+        code = ledger_main("verify", "--coordinator", url, "--state-dir", str(tmp_path / "s2"),
+                           "--receipts", str(tmp_path / "node"))
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "seq 5: the entry your receipt holds is no longer served: it was edited or removed" in out
+
+
+def test_history_of_an_owner_name_shows_the_accounts_entries(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving_app(LedgerPeer(Ledger(records(2))).app()) as url:
+        code = ledger_main("history", "alice", "--coordinator", url)
+        out = capsys.readouterr().out
+        missing = ledger_main("history", "nobody", "--coordinator", url)
+
+    assert code == 0
+    assert out.startswith("account alice: balance 1664 credits")
+    assert "2023-11-14T22:13:20.250Z" in out  # ISO 8601, not a raw epoch float
+    assert "unit: credit: one credit is 1,000 floating-point operations" in out
+    assert missing == 2
+    assert "no node or account named nobody has ledger entries" in capsys.readouterr().err
+
+
+def test_job_checkpoint_and_proof_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving_app(LedgerPeer(Ledger(records(3))).app()) as url:
+        job = ledger_main("job", "j1", "--coordinator", url)
+        job_out = capsys.readouterr().out
+        checkpoint = ledger_main("checkpoint", "--coordinator", url)
+        checkpoint_out = capsys.readouterr().out
+        proof = ledger_main("proof", "4", "--coordinator", url)
+        proof_out = capsys.readouterr().out
+
+    assert (job, checkpoint, proof) == (0, 0, 0)
+    assert job_out.startswith(f"job j1: cost {6 * AMOUNT} credits, 9 entries")
+    assert checkpoint_out.startswith("checkpoint of 10 entries, signed 2026-01-01T00:00:00.010Z")
+    assert proof_out.startswith("seq 4 is in the checkpoint of 10 entries signed")
+    assert "(4 hashes, verified)" in proof_out
+
+
+def test_export_writes_the_whole_ledger_as_jsonl_and_csv(tmp_path: Path) -> None:
+    ledger = Ledger(records(5))  # 16 entries: three of the peer's pages
+    with serving_app(LedgerPeer(ledger).app()) as url:
+        assert ledger_main("export", "--coordinator", url, "-o", str(tmp_path / "l.jsonl")) == 0
+        assert ledger_main("export", "--coordinator", url, "--format", "csv", "-o", str(tmp_path / "l.csv")) == 0
+
+    lines = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert [e["seq"] for e in lines] == list(range(1, 17))
+    assert lines[1]["created_at_iso"] == "2023-11-14T22:13:20.250Z"
+    rows = (tmp_path / "l.csv").read_text().splitlines()
+    assert rows[0].startswith("seq,kind,created_at_iso,created_at,account")
+    assert len(rows) == 17 and rows[2].startswith("2,credit,2023-11-14T22:13:20.250Z,")
+
+
+@pytest.mark.parametrize("command", [["export"], ["history", "n1"], ["balances"]])
+def test_output_piped_into_head_ends_quietly(command: list[str]) -> None:
+    """`sparecycles ledger ... | head -1` in a real pipe: no BrokenPipeError traceback."""
+    with serving_app(LedgerPeer(Ledger(records(400))).app()) as url:
+        producer = subprocess.Popen([sys.executable, "-m", "sparecycles", "ledger", *command, "--coordinator", url],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert producer.stdout is not None
+        head = subprocess.run(["head", "-1"], stdin=producer.stdout, capture_output=True, timeout=60)
+        producer.stdout.close()
+        _, err = producer.communicate(timeout=60)
+
+    assert head.stdout.count(b"\n") == 1
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+    assert producer.returncode == 0
