@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
     host, port = parse_hostport(args.http, 8080)
+    if args.db.startswith(("postgresql://", "postgres://")) and not args.key:
+        # SQLite keeps the key beside its file; a database server has no such place. A new key per
+        # start would disown every checkpoint signed before it, and the ledger would be refused.
+        raise ValueError("a coordinator on PostgreSQL needs --key FILE: it signs the ledger's checkpoints with "
+                         "that key, so keep the file (and a backup of it) across restarts")
     return CoordinatorSettings(broker_url=args.broker, db_url=args.db, http_host=host, http_port=port,
                                replicas=args.replicas, key_path=args.key, topic_prefix=args.topic_prefix,
                                lease_seconds=args.lease_seconds, max_inline_bytes=args.max_inline_kb * 1024,
