@@ -28,6 +28,15 @@ def adaptive_prefetch(*, slots: int, task_seconds: float | None, window_seconds:
     return slots * max(1, min(max_per_slot, per_slot))
 
 
+def runs_per_slot(*, task_seconds: float | None, window_seconds: float = 0.05, most: int = 32) -> int:
+    """Runs handed to the sandbox pool per slot at once: about `window_seconds` of work, so tiny
+    tasks still cross to a worker many to a frame while long ones are handed over one at a time
+    (each run handed over is one a suspension can no longer give back). Unmeasured: one."""
+    if task_seconds is None or task_seconds <= 0:
+        return 1
+    return max(1, min(most, math.ceil(window_seconds / task_seconds)))
+
+
 def inline_limit(*, max_inline_bytes: int, max_message_bytes: int) -> int:
     """Largest encoded output map sent inline: it must fit in one message with room to spare."""
     return max(0, min(max_inline_bytes, max_message_bytes - 4 * ENVELOPE_OVERHEAD))

@@ -21,11 +21,12 @@ from protocol.messages import Assignment, Result
 from protocol.sandbox import MAX_BATCH
 from protocol.tensors import Tensor, digest_tensors, encode_tensor_map, encoded_size_bound, tensors_from_arrays
 
-from . import api
+from . import api, batching
 from .cache import ModelCache
 from .errors import NodeError, TaskFailed
 from .logs import kv
 from .membership import RequestSigner
+from .rungate import RunGate
 from .runner import RunInterrupted, Runner
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,15 @@ class Pipeline:
         self._clock = clock
         # Several runs per slot may be handed to the runner at once: it sends them to a worker
         # together (protocol/sandbox.py), which is what makes small tasks cheap.
-        self._slots = asyncio.Semaphore(runner.slots * MAX_BATCH)
+        self.gate = RunGate(runner.slots)
+        """Runs handed to the runner at once: `set_depth` follows the measured task time."""
         self.started: set[str] = set()
         """Leases whose run has begun: on drain these finish, the rest are released."""
+
+    def set_depth(self, task_seconds: float | None) -> None:
+        """Runs per slot handed to the runner at once, from how long tasks take here (at most a
+        worker's frame, MAX_BATCH)."""
+        self.gate.set_limit(self._runner.slots * batching.runs_per_slot(task_seconds=task_seconds, most=MAX_BATCH))
 
     async def execute(self, a: Assignment) -> Result:
         """A Result (possibly an error result), or `NotRun` if the lease should be released."""
@@ -102,7 +109,7 @@ class Pipeline:
         with self._cache.pinned(a.model):
             path = await self._retry("model", lambda: self._cache.fetch(a.model))
             inputs = await self._inputs(a)
-            async with self._slots:
+            async with self.gate:
                 left = a.expires_at - self._clock()
                 if left <= 0:
                     raise NotRun("lease expired before a slot was free")

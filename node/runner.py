@@ -85,6 +85,11 @@ class Runner:
         return self._pool.busy
 
     @property
+    def interruptions(self) -> int:
+        """Pauses and abandons so far: a run that saw one took longer than the model needs."""
+        return self._interruptions
+
+    @property
     def pids(self) -> list[int]:
         """The live workers' PIDs."""
         return self._pool.pids

@@ -28,6 +28,7 @@ from protocol.signing import Identity
 from . import batching
 from .api import CoordinatorInfo, fetch_info
 from .cache import ModelCache
+from .estimate import TaskTimes, can_finish
 from .execute import NotRun, OutputFilter, Pipeline, failed
 from .governor import Governor, GovernorSettings
 from .idleness import Decision, IdlePolicy
@@ -136,6 +137,10 @@ class Node:
         self._idle_mark = (0.0, 0)  # (since when, assignments then): to explain "why no work"
         self.status = (status or StatusBoard(settings=settings)).attach(self)  # status hook
         self._expires: dict[str, float] = {}  # lease -> its end (wall clock), for the governor
+        self._times = TaskTimes()  # seconds a task of each model takes here
+        self._estimates: dict[str, float] = {}  # lease -> its estimated run, while held
+        self._held_seconds = 0.0  # their sum: the work queued on this node, kept up to date
+        self._runner = runner
         runner.cpu_share = settings.cpu_cap_percent / 100
         self.governor = Governor(
             GovernorSettings(idle_only=settings.idle_only, cpu_cap=settings.cpu_cap_percent / 100,
@@ -281,6 +286,7 @@ class Node:
         now = time.time()  # wall clock: expires_at crosses a process boundary
         expired: list[str] = []
         refused: list[str] = []
+        late: list[str] = []
         for a in items:
             if a.lease in self._seen:
                 self.counters["duplicate_assignments"] += 1
@@ -293,10 +299,21 @@ class Node:
             elif self.draining or self.governor.suspended or len(self.held) >= max(self.capacity, self._announced):
                 refused.append(a.lease)
             else:
+                own = self._times.get((a.model, a.opt_level))
+                if not can_finish(own_seconds=own, ahead_seconds=self._held_seconds, slots=self.settings.slots,
+                                  lease_left=a.expires_at - now):
+                    late.append(a.lease)
+                    continue
                 self.counters["assigned"] += 1
                 self.held[a.lease] = asyncio.create_task(self._work(a), name=f"task-{a.lease}")
                 self._expires[a.lease] = a.expires_at
+                if own is not None:
+                    self._estimates[a.lease] = own
+                    self._held_seconds += own
         self.outbox.release(expired, "expired on arrival")
+        if late:  # held, it would only expire here: another node can start it now
+            self.counters["released_late"] += len(late)
+            self.outbox.release(late, "cannot finish before the lease ends")
         self.outbox.release(refused, "node shutting down" if self.draining else
                             "node suspended" if self.governor.suspended else "over capacity")
         self.status.refresh()  # status hook
@@ -305,6 +322,7 @@ class Node:
                          refused=len(refused)))
 
     async def _work(self, a: Assignment) -> None:
+        interruptions = self._runner.interruptions
         try:
             result = await self.pipeline.execute(a)
         except NotRun as exc:
@@ -314,9 +332,15 @@ class Node:
             self.outbox.add_result(failed(a, f"node error: {type(exc).__name__}: {exc}"))
         else:
             self.outbox.add_result(result)
-            if result.error is None:
+            # a run paused by a suspension took longer than the model needs here: not a measure
+            if result.error is None and self._runner.interruptions == interruptions:
+                self._times.observe((a.model, a.opt_level), result.elapsed)
                 self._observe(result.elapsed)
         finally:
+            estimate = self._estimates.pop(a.lease, None)
+            if estimate is not None:
+                # recomputed when empty, so float error cannot build up over millions of tasks
+                self._held_seconds = self._held_seconds - estimate if self._estimates else 0.0
             self.held.pop(a.lease, None)
             self._expires.pop(a.lease, None)
             self.pipeline.started.discard(a.lease)
@@ -358,6 +382,7 @@ class Node:
         before = self.capacity
         # EWMA over ~10 tasks: follows a new job's task size quickly, ignores one slow outlier
         self._task_seconds = elapsed if self._task_seconds is None else 0.9 * self._task_seconds + 0.1 * elapsed
+        self.pipeline.set_depth(self._task_seconds)
         if self.capacity > before:
             self._force_request = True  # tell the coordinator now, not at the next heartbeat
 

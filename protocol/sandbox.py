@@ -139,6 +139,7 @@ class SandboxPool:
         self._running: dict[int, _Job] = {}  # slot -> the run its worker is on now
         self._busy: set[int] = set()
         self.suspended = False
+        self._deadlines: set[_Deadline] = set()  # the limits of the runs in flight, paused with the pool
         """While set, nothing new is sent to a worker (the node's owner needs the machine)."""
         self._pending = 0
         self._closed = False
@@ -323,7 +324,8 @@ class SandboxPool:
             for job, _, limit in sent:
                 model = job.digest[:12]
                 self._running[slot] = job
-                timer = loop.call_later(limit, expire)
+                timer = _Deadline(loop, limit, expire, paused=self.suspended)
+                self._deadlines.add(timer)
                 try:
                     reply = await self._receive(worker)
                 except (asyncio.IncompleteReadError, ConnectionError) as exc:
@@ -334,6 +336,7 @@ class SandboxPool:
                                       f"worker {pid} died (exit {worker.proc.returncode}) on model {model}: {exc!r}")
                 finally:
                     timer.cancel()
+                    self._deadlines.discard(timer)
                 if expired:  # the reply beat the kill by a hair: the worker is dead all the same
                     await self._stop(slot)
                     return answered, (None, TIMEOUT, 0.0, f"killed worker {pid} after {limit:.1f} s on model {model}")
@@ -439,6 +442,11 @@ class SandboxPool:
         """Stop (SIGSTOP) every worker and send nothing new, or continue (SIGCONT) and go on."""
         self.suspended = suspended
         self.signal_all(signal.SIGSTOP if suspended else signal.SIGCONT)
+        for deadline in self._deadlines:  # a stopped run is not using its time
+            if suspended:
+                deadline.pause()
+            else:
+                deadline.resume()
         if not suspended:
             self._dispatch()
 
@@ -629,10 +637,47 @@ class _Child:
         return {"ok": True, "outputs": dict(zip(names, values, strict=True)), "run_seconds": elapsed}
 
 
+class _Deadline:
+    """A run's time limit that stops counting while the pool is suspended: a run paused for the
+    machine's owner must not be killed for the time it was not allowed to run."""
+
+    __slots__ = ("_fn", "_handle", "_left", "_loop", "_started")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, fn: Callable[[], None], *,
+                 paused: bool) -> None:
+        self._loop, self._left, self._fn = loop, seconds, fn
+        self._handle: asyncio.TimerHandle | None = None
+        self._started = 0.0
+        if not paused:
+            self.resume()
+
+    def pause(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            self._left = max(0.0, self._left - (self._loop.time() - self._started))
+
+    def resume(self) -> None:
+        if self._handle is None:
+            self._started = self._loop.time()
+            self._handle = self._loop.call_later(self._left, self._fn)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 def main(argv: list[str]) -> int:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash near the limit must not dump a GB of core
     if len(argv) > 1 and int(argv[1]) > 0:
         os.nice(int(argv[1]))
+        # Each worker leads a session of its own, and with the kernel's autogroup scheduling a new
+        # session is a scheduling group of its own at nice 0: its threads' nice ranks them only
+        # inside that group, so it kept about a third of the CPU against the owner's programs. The
+        # group's nice is what competes with them. (Absent without autogroup: nothing to do.)
+        with contextlib.suppress(OSError):
+            Path("/proc/self/autogroup").write_text(argv[1])
     # The frames get private copies of stdin/stdout; anything native code prints goes to stderr
     # instead of corrupting them.
     frames_in = os.fdopen(os.dup(0), "rb")

@@ -22,6 +22,7 @@ import pytest
 from node.errors import TaskFailed
 from node.runner import RunInterrupted, RunLimits, Runner
 from protocol.digests import sha256_hex
+from protocol.sandbox import TIMEOUT, SandboxPool
 from protocol.tensors import tensors_from_arrays
 from tests import models
 
@@ -181,3 +182,26 @@ async def test_a_suspended_node_stops_its_runs_at_once_and_hands_back_what_canno
         assert out.outputs["y"].to_array().tolist() == [[2.0]]
     finally:
         await runner.close()
+
+
+async def test_a_runs_time_limit_does_not_count_while_the_pool_is_suspended(tmp_path: Path) -> None:
+    """Attack: none - the volunteer's own use. A run stopped because the owner needs the machine
+    must not be killed for time it was not allowed to run: it gets its whole limit once resumed."""
+    pool = SandboxPool(workers=1, sessions=1, name="test")
+    data = models.loop_bomb()
+    try:
+        await pool.run(data, sha256_hex(data), None, 99, memory_bytes=256 << 20, seconds=30.0)  # loaded
+        start = time.monotonic()
+        run = asyncio.create_task(pool.run(data, sha256_hex(data), rows(1e12), 99,
+                                           memory_bytes=256 << 20, seconds=1.0))
+        await asyncio.sleep(0.3)
+        pool.suspend(True)
+        await asyncio.sleep(2.0)
+        assert not run.done(), "the limit ran on while the run was stopped"
+        pool.suspend(False)
+        outcome = await run
+        assert outcome.problem == TIMEOUT
+        # 0.3 s before the pause, the 0.7 s left after it: killed about 3 s in, not at 1 s
+        assert time.monotonic() - start >= 2.9
+    finally:
+        await pool.close()
