@@ -73,6 +73,8 @@ class NodeSettings:
     """Assignments held beyond `slots` (their model and inputs are fetched while others run).
     None means as many as `slots`."""
     heartbeat_seconds: float = 2.0
+    receipts_seconds: float = 30.0
+    """How often the node fetches and checks the receipts for its new credit (node/receipts.py)."""
     """A WorkRequest goes out at least this often, even when nothing changed."""
     drain_seconds: float = 30.0
     """On SIGTERM: how long running tasks may take to finish and their results to be sent."""
@@ -147,6 +149,11 @@ class NodeSettings:
     @property
     def owner_key(self) -> Path:
         return self.owner_key_path or self.key_path.parent / f"owner-{self.owner}.key"
+
+    @property
+    def receipts_dir(self) -> Path:
+        """`<key>.receipts/`: the receipts for this key's credit, beside its status file."""
+        return self.key_path.with_name(self.key_path.name + ".receipts")
 
     @property
     def capacity(self) -> int:

@@ -37,6 +37,7 @@ from .logs import kv
 from .membership import Registration, RequestSigner, join
 from .modelcheck import check_model
 from .outbox import Outbox, publish
+from .receipts import ReceiptBook
 from .runner import RunLimits, Runner, runtime_fingerprint
 from .settings import NodeSettings
 from .status import NodeState, StatusBoard
@@ -104,6 +105,7 @@ class Node:
                  on_ready: Callable[[str], None] | None = None, signer: RequestSigner | None = None,
                  registration: Registration | None = None, status: StatusBoard | None = None) -> None:
         self.settings = settings
+        self._http = http
         self.registration = registration
         self.identity = identity
         self.id = identity.id
@@ -156,7 +158,8 @@ class Node:
         loops = [asyncio.create_task(self._connection_loop(), name="mqtt"),
                  asyncio.create_task(self._pull_loop(), name="pull"),
                  asyncio.create_task(self.outbox.run(self.link), name="outbox"),
-                 asyncio.create_task(self.governor.run(), name="governor")]
+                 asyncio.create_task(self.governor.run(), name="governor"),
+                 asyncio.create_task(self._receipts_loop(), name="receipts")]
         stopped = asyncio.create_task(stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([*loops, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -172,6 +175,23 @@ class Node:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         log.info(kv("node_stopped", id=self.id, **dict(sorted(self.counters.items()))))
+
+    async def _receipts_loop(self) -> None:
+        """Keep receipts for this node's credit: fetched and checked every `receipts_seconds`,
+        once something has been sent (before that there is no credit to prove). A coordinator that
+        is away, or that answers with a forged or rewritten log, costs a log line, not the node."""
+        book = ReceiptBook(self.settings.receipts_dir, self.id, self.info.public_key)
+        while True:
+            await asyncio.sleep(self.settings.receipts_seconds)
+            if not self.counters["assigned"]:
+                continue
+            try:
+                added = await book.refresh(self._http, self.settings.coordinator_base)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.debug(kv("receipts_unreachable", error=repr(exc)))
+                continue
+            if added:
+                log.debug(kv("receipts_kept", added=added, last_seq=book.last_seq))
 
     async def _drain(self) -> None:
         self.draining = True

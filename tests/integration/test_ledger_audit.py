@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -157,3 +158,34 @@ def test_verify_catches_rows_edited_deleted_reordered_or_inserted_in_the_live_da
         run_sql(net.db, INSERTED.format(k=k))
         wait_for_checkpoint(net.url, size + 1, timeout=10)
         assert_caught(verify(net.url, state), "is credited again")
+
+
+def test_a_node_keeps_receipts_for_its_credit_and_its_owner_checks_them(mosquitto_url: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: a coordinator that later drops or rewrites a node's credit. The node keeps, in its
+    own state directory, each credit with an inclusion proof against a signed checkpoint; its owner
+    checks them from outside, and they stop verifying if the log is rewritten under them."""
+    monkeypatch.setenv("SPARECYCLES_NODE_RECEIPTS_SECONDS", "0.5")
+    with ProcessGroup(tmp_path / "logs") as group:
+        net = Network(group=group, tmp=tmp_path, broker_url=mosquitto_url)
+        net.start_coordinator()
+        net.start_node("alice")
+        net.start_node("bob")
+        asyncio.run(run_job(net.url, rows=60, task_size=10))
+        deadline = time.monotonic() + 30
+        kept: list[str] = []
+        while time.monotonic() < deadline:
+            kept = [p for p in tmp_path.glob("node*.key.receipts/receipts.jsonl") if p.read_text().strip()]
+            if len(kept) == 2:
+                break
+            time.sleep(0.2)
+        assert len(kept) == 2, f"receipts kept by {kept}"
+        for path in kept:
+            assert (path.parent / "checkpoint.json").exists()
+            assert_ok(verify(net.url, tmp_path / f"verifier-{path.parent.name}", "--receipts", str(path.parent)))
+
+        # The operator rewrites one of the receipted credits: the receipt no longer verifies.
+        run_sql(net.db, "UPDATE ledger_entries SET amount = amount + 1 WHERE seq = (SELECT MIN(seq) FROM "
+                        "ledger_entries WHERE kind = 'credit')")
+        results = [verify(net.url, tmp_path / "verifier-after", "--receipts", str(p.parent)) for p in kept]
+        assert all(r.returncode == 1 for r in results), [r.stdout for r in results]
