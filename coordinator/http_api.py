@@ -516,3 +516,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/admin/accounts/{name}/grant", admin_grant)
     app.router.add_post("/v1/admin/invites", admin_invite)
     app.router.add_get(OPENAPI_PATH, serve_openapi)
+    # [routes: jobs and nodes listing, CLI]
+    # [routes: dashboard and events]
+    # [routes: operations]

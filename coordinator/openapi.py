@@ -367,6 +367,9 @@ _PATHS: Final[dict[str, dict[str, Any]]] = {
         errors=(400, 404))},
     "/v1/admin/invites": {"post": _op("a one-time registration token", Access.OPERATOR,
                                       {"201": _json(_obj({"invite": _STR}), "the token")})},
+    # [paths: jobs and nodes listing, CLI]
+    # [paths: dashboard and events]
+    # [paths: operations]
 }
 
 _DOCUMENT: Final[dict[str, Any]] = {
