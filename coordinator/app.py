@@ -11,6 +11,7 @@ from .http_api import COORDINATOR, add_routes
 from .http_auth import make_middleware
 from .service import Coordinator
 from .settings import CoordinatorSettings
+from .store import StorageFull, StoreError
 
 log = logging.getLogger("sparecycles.coordinator.http")
 
@@ -28,6 +29,13 @@ async def json_errors(request: web.Request,
                    404: "no such endpoint: see docs/http-api.md",
                    405: "method not allowed on this endpoint"}.get(exc.status, exc.reason)
         return web.json_response({"error": message}, status=exc.status)
+    except StoreError as exc:
+        # The database is away or full: say so, and that nothing accepted before was lost (the
+        # coordinator keeps what it could not commit and retries). 507 tells a full disk apart.
+        log.error("store error path=%s: %s", request.path, exc)
+        status = 507 if isinstance(exc, StorageFull) else 503
+        return web.json_response({"error": f"{exc}; try again shortly"}, status=status,
+                                 headers={"Retry-After": "5"})
     except Exception:
         log.exception("unhandled error path=%s", request.path)
         return web.json_response({"error": "internal error: see the coordinator's log"}, status=500)

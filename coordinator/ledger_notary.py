@@ -17,6 +17,7 @@ from ledger.checkpoint import Checkpoint, CheckpointError
 from ledger.notary import Notary, NotaryError
 from protocol.signing import Identity
 
+from . import failpoints
 from .store import CoordinatorStore
 
 log = logging.getLogger("sparecycles.coordinator.notary")
@@ -69,7 +70,9 @@ class LedgerNotary:
         if self.notary.size == 0 or (self.latest is not None and self.latest.size >= self.notary.size):
             return None
         checkpoint = self.notary.sign(now_ms)
+        failpoints.hit("checkpoint.before_save")
         await self.store.save_checkpoint(checkpoint)
+        failpoints.hit("checkpoint.after_save")
         self.latest = checkpoint
         return checkpoint
 

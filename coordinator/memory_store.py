@@ -272,7 +272,8 @@ class MemoryStore(CoordinatorStore):
                 continue  # verified after the snapshot
             out.append({"seq": seq, "task": r.task, "job": task.job, "node": r.node, "owner": r.owner,
                         "output_digest": r.output_digest, "task_state": task.state,
-                        "submitter": self.jobs[task.job].spec.submitter, "verdict_seq": verdict_seq})
+                        "submitter": self.jobs[task.job].spec.submitter, "verdict_seq": verdict_seq,
+                        "rows": task.stop - task.start, "flops_per_row": self.jobs[task.job].spec.flops_per_row})
         return out
 
     async def save_accounts(self, *, accounts: Sequence[Account] = (), nodes: Sequence[NodeRecord] = (),

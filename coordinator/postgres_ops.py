@@ -13,6 +13,7 @@ import asyncpg
 from ledger import postgres as ledger_pg
 from ledger.entries import Charge, Credit, reversal_of
 
+from . import failpoints
 from .records import BlobPut, JobFinished, LeaseClosed, LeaseIssued, Op, ResultRecorded, TaskDecided, TaskReopened
 from .restore import JobRow, LeaseRow, ResultRow, StoredRows, TaskRow
 from .store import Freed, StoreError, keyed, reused_keys, spec_from_json
@@ -140,6 +141,7 @@ async def _apply_grouped(c: asyncpg.Connection, ops: Sequence[Op]) -> None:
         if accepted:
             await c.execute("UPDATE results SET accepted = TRUE WHERE lease = ANY($1::text[])", accepted)
         await ledger_pg.insert_entries(c, [entry for d in decided for entry in _records(d)])
+        failpoints.hit("ledger.after_insert")
         # verdict_seq: the ledger size once these entries are in, folded into the one UPDATE as a
         # subquery evaluated once (an uncorrelated InitPlan: one probe at the end of the primary
         # key). Read after insert_entries took the ledger_head lock, which it holds until commit:

@@ -35,7 +35,7 @@ from .accounts import Account, Invite, NodeRecord
 from .postgres_schema import migrate
 from .records import JobRecord, Op, TaskRecord
 from .restore import JobRow, StoredRows
-from .store import CoordinatorStore, Expiry, Freed, StoreError, spec_from_json, spec_to_json
+from .store import CoordinatorStore, Expiry, Freed, StorageFull, StoreError, spec_from_json, spec_to_json
 
 POOL_SIZE = 4  # the persist loop, HTTP reads, uploads; PostgreSQL pays a process per connection
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection (an unreachable host would take minutes)
@@ -82,6 +82,9 @@ class PostgresStore(CoordinatorStore):
                 yield conn
         except ledger_pg.UNAVAILABLE as exc:
             raise StoreError(f"database unavailable: {ledger_pg.unavailable(exc)} ({self.location})") from exc
+        except asyncpg.DiskFullError as exc:  # SQLSTATE 53100: the server's disk, not ours
+            raise StorageFull(f"storage full: the database server could not write ({exc}; {self.location}); "
+                              "free space on its disk and the coordinator carries on where it stopped") from exc
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[asyncpg.Connection]:
@@ -243,11 +246,13 @@ class PostgresStore(CoordinatorStore):
     async def accepted(self, after: int, limit: int, upto: int | None = None) -> list[dict[str, Any]]:
         rows = await self._fetch(
             "SELECT r.seq, r.task, t.job, r.node, r.owner, r.output_digest, t.state, "
-            "COALESCE(j.spec::jsonb ->> 'submitter', ''), t.verdict_seq FROM results r "
+            "COALESCE(j.spec::jsonb ->> 'submitter', ''), t.verdict_seq, t.stop - t.start, "
+            "(j.spec::jsonb ->> 'flops_per_row')::bigint FROM results r "
             "JOIN tasks t ON t.id = r.task JOIN jobs j ON j.id = t.job "
             "WHERE r.accepted AND r.seq > $1 AND t.verdict_seq <= $2 ORDER BY r.seq LIMIT $3",
             clamp(after), upto_or_all(upto), min(limit, NO_LIMIT))
-        keys = ("seq", "task", "job", "node", "owner", "output_digest", "task_state", "submitter", "verdict_seq")
+        keys = ("seq", "task", "job", "node", "owner", "output_digest", "task_state", "submitter", "verdict_seq",
+                "rows", "flops_per_row")  # the cost model's inputs: a verifier recomputes each credit's amount
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     # ---- accounts and trust -----------------------------------------------------------------

@@ -30,6 +30,7 @@ from protocol.signing import Identity
 from protocol.tensors import Tensor, concat_rows, decode_tensor_map, digest_tensors
 from protocol.topics import Topics, namespace_prefix
 
+from . import failpoints
 from .audit import Auditor
 from .broker_acl import DynamicSecurity, parse_admin
 from .budget import Budget
@@ -54,7 +55,7 @@ from .retention import (
 )
 from .scheduler import JobState
 from .settings import CoordinatorSettings
-from .store import CoordinatorStore, Expiry, Freed
+from .store import CoordinatorStore, Expiry, Freed, StoreError
 from .store_factory import open_store
 from .trust import TrustBook, TrustPolicy
 
@@ -100,6 +101,7 @@ class Coordinator:
         self._audit_tasks: set[asyncio.Task[None]] = set()
         self._uploads: dict[str, str] = {}  # lease -> the output digest its node uploaded under it
         self._trust_saved_at = 0.0
+        self._unsaved_trust: dict[tuple[str, str], dict[str, Any]] = {}  # taken from the book, not yet saved
         self.counters: Counter[str] = Counter()
         self._client: aiomqtt.Client | None = None
         self._dirty = asyncio.Event()
@@ -151,8 +153,13 @@ class Coordinator:
         await asyncio.gather(*self._tasks, *self._audit_tasks, return_exceptions=True)
         await self.auditor.close()
         await self.prober.close()
-        await self.store.save_trust(self.engine.trust.take_changed())
-        await self._flush_now()
+        try:
+            await self._save_trust()
+            await self._flush_now()
+        except StoreError as exc:
+            # Lost with this process: the work is redone after a restart (its leases time out and
+            # the tasks run again), and nothing is credited twice.
+            log.error("stopping without committing the last %d changes: %s", len(self.engine.ops), exc)
         try:
             await self.ledger_notary.tick(time.time_ns() // 1_000_000)  # the last entries leave signed
         except Exception:
@@ -511,7 +518,19 @@ class Coordinator:
             task.add_done_callback(self._audit_tasks.discard)
 
     async def _audit(self, request: AuditRequest) -> None:
-        outcome = await self.auditor.run_request(request, self.store)
+        # The audit reads the model and inputs from the store. With the database away, it waits
+        # for it: an audit that died here would leave its task waiting for an answer forever (the
+        # job never finishes), and answering "could not run" would fail or downgrade a task over
+        # an outage that says nothing about it.
+        delay = 0.5
+        while True:
+            try:
+                outcome = await self.auditor.run_request(request, self.store)
+                break
+            except StoreError as exc:
+                log.warning("audit of task=%s waits for the store: %s; retrying in %.1f s", request.task, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
         self.counters["audits_run"] += 1
         self.counters["audit_ms"] += round(outcome.seconds * 1000)
         if outcome.problem is not None:
@@ -535,6 +554,7 @@ class Coordinator:
                 return
             try:
                 await self.store.apply(ops)
+                failpoints.hit("ledger.after_commit", lambda: any(isinstance(op, TaskDecided) for op in ops))
             except BaseException:
                 self.engine.ops[:0] = ops  # not committed: keep them, in order, for the next try
                 raise
@@ -562,13 +582,31 @@ class Coordinator:
                 # must not come back after a crash); not with every batch, which would add a
                 # transaction to each job's path.
                 now = time.monotonic()
-                if self.engine.trust.penalised or now - self._trust_saved_at >= 1.0:
+                if self._unsaved_trust or self.engine.trust.penalised or now - self._trust_saved_at >= 1.0:
                     self._trust_saved_at = now
-                    await self.store.save_trust(self.engine.trust.take_changed())
+                    await self._save_trust()
+            except StoreError as exc:  # the database away or full: one line, not a traceback a second
+                log.error("persisting a batch failed: %s; retrying in 1 s", exc)
+                await asyncio.sleep(1)
+                self._dirty.set()
             except Exception:
                 log.exception("persisting a batch failed; retrying in 1 s")
                 await asyncio.sleep(1)
                 self._dirty.set()
+
+    async def _save_trust(self) -> None:
+        """Save the trust records changed since the last save. `take_changed` forgets what it hands
+        out, so the records of a save that failed (the database away) are kept here and go with the
+        next try: lost, a penalty's reset streak would be back after the next restart."""
+        for kind, name, record in self.engine.trust.take_changed():
+            self._unsaved_trust[(kind, name)] = record  # a newer record of the same one replaces it
+        if not self._unsaved_trust:
+            return
+        saving = dict(self._unsaved_trust)
+        await self.store.save_trust([(kind, name, record) for (kind, name), record in saving.items()])
+        for key, record in saving.items():
+            if self._unsaved_trust.get(key) is record:  # not replaced by a newer one meanwhile
+                del self._unsaved_trust[key]
 
     async def flush(self) -> None:
         """Return once every op produced so far is committed."""

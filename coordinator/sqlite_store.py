@@ -19,6 +19,7 @@ from ledger.checkpoint import Checkpoint
 from ledger.entries import Balances, Charge, Credit, Entry, Grant, reversal_of
 from ledger.rows import COLUMNS, NO_LIMIT, clamp, entry_from_row, upto_or_all
 
+from . import failpoints
 from .accounts import Account, Invite, NodeRecord
 from .records import (
     BlobPut,
@@ -33,7 +34,17 @@ from .records import (
     TaskReopened,
 )
 from .restore import JobRow, LeaseRow, ResultRow, StoredRows, TaskRow
-from .store import CoordinatorStore, Expiry, Freed, StoreError, keyed, reused_keys, spec_from_json, spec_to_json
+from .store import (
+    CoordinatorStore,
+    Expiry,
+    Freed,
+    StorageFull,
+    StoreError,
+    keyed,
+    reused_keys,
+    spec_from_json,
+    spec_to_json,
+)
 
 T = TypeVar("T")
 
@@ -120,17 +131,26 @@ class SQLiteStore(CoordinatorStore):
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._conn
         assert conn is not None, "store is closed"
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, conn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, conn)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            raise StorageFull(f"storage full: {exc} ({self.path}); free some space there and the "
+                              "coordinator carries on where it stopped") from exc
 
     async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run(conn: sqlite3.Connection) -> T:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 out = fn(conn)
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A COMMIT that fails (SQLITE_FULL) leaves the transaction open: without this
+                # rollback every later BEGIN would fail, and the store would never recover.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
             return out
 
         return await self._run(run)
@@ -278,11 +298,13 @@ class SQLiteStore(CoordinatorStore):
     async def accepted(self, after: int, limit: int, upto: int | None = None) -> list[dict[str, Any]]:
         rows = await self._run(lambda c: c.execute(
             "SELECT r.seq, r.task, t.job, r.node, r.owner, r.output_digest, t.state, "
-            "COALESCE(json_extract(j.spec, '$.submitter'), ''), t.verdict_seq FROM results r "
+            "COALESCE(json_extract(j.spec, '$.submitter'), ''), t.verdict_seq, t.stop - t.start, "
+            "json_extract(j.spec, '$.flops_per_row') FROM results r "
             "JOIN tasks t ON t.id = r.task JOIN jobs j ON j.id = t.job "
             "WHERE r.accepted = 1 AND r.seq > ? AND t.verdict_seq <= ? ORDER BY r.seq LIMIT ?",
             (clamp(after), upto_or_all(upto), min(limit, NO_LIMIT))).fetchall())
-        keys = ("seq", "task", "job", "node", "owner", "output_digest", "task_state", "submitter", "verdict_seq")
+        keys = ("seq", "task", "job", "node", "owner", "output_digest", "task_state", "submitter", "verdict_seq",
+                "rows", "flops_per_row")  # the cost model's inputs: a verifier recomputes each credit's amount
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     async def save_accounts(self, *, accounts: Sequence[Account] = (), nodes: Sequence[NodeRecord] = (),
@@ -441,6 +463,7 @@ def _apply_grouped(c: sqlite3.Connection, ops: Sequence[Op]) -> None:
         c.executemany("UPDATE results SET accepted=1 WHERE lease=?",
                       [(lease,) for d in decided for lease in d.accepted_leases])
         ledger_sql.insert_entries(c, [entry for d in decided for entry in _records(d)])
+        failpoints.hit("ledger.after_insert")
         # verdict_seq: the ledger size once this batch's entries are in, read once (one probe at
         # the end of the rowid tree) rather than per task. A later segment of the same transaction
         # (after a reopen) may add more, but no reader sees a size between: commits are atomic, so

@@ -55,6 +55,11 @@ class StoreError(Exception):
     pass
 
 
+class StorageFull(StoreError):
+    """The disk under the store is full. The failed call wrote nothing; the coordinator keeps what it
+    could not commit and tries again, so freeing space is all an operator has to do."""
+
+
 @dataclass(frozen=True, slots=True)
 class Expiry:
     """A finished job whose inputs and outputs are gone: its row, when, and why (one phrase:

@@ -260,7 +260,27 @@ async def documents(store: CoordinatorStore) -> tuple[list[dict[str, object]], l
                                                       dict[str, object]]:
     """What `sparecycles ledger verify` fetches: entries, accepted results, balances."""
     entries = [e.to_json() for e in await store.ledger_entries(0, 10_000)]
-    return entries, await store.accepted(0, 10_000), (await store.ledger_balances()).to_json()
+    # The amounts here are made up to tell verdicts apart, not priced: leave out the cost model's
+    # inputs so that verify checks the bookkeeping only (pricing: the test below this one).
+    accepted = [{k: v for k, v in row.items() if k not in ("rows", "flops_per_row")}
+                for row in await store.accepted(0, 10_000)]
+    return entries, accepted, (await store.ledger_balances()).to_json()
+
+
+async def test_accepted_rows_carry_what_prices_their_credit(store: CoordinatorStore) -> None:
+    """Attack: an operator pays a friend's node more than its rows are worth. The accepted rows carry
+    the task's rows and the job's FLOPs per row, so a verifier recomputes every amount."""
+    job, tasks, blobs = new_job(submitter="dave")
+    jid, t0 = job.spec.id, tasks[0].id
+    await store.create_job(job, tasks, blobs)
+    await store.apply([*ran(t0, jid, {"n1": f"{t0}-a"}), paid_verdict(t0, jid, {"n1": f"{t0}-a"}, amount=1)])
+    [row] = await store.accepted(0, 10)
+    assert (row["rows"], row["flops_per_row"]) == (tasks[0].stop - tasks[0].start, META["flops_per_row"])
+    entries = [e.to_json() for e in await store.ledger_entries(0, 100)]
+    balances = (await store.ledger_balances()).to_json()
+    assert find_discrepancies(entries, [row], balances) == []  # 2 rows x 10 FLOPs: 1 credit, the minimum
+    inflated = [{**e, "amount": 9} if e["kind"] in ("credit", "charge") else e for e in entries]
+    assert any("does not follow from the cost model" in p for p in find_discrepancies(inflated, [row], balances))
 
 
 async def assert_conserved(store: CoordinatorStore) -> None:

@@ -51,8 +51,8 @@ async def verified_tasks(store: CoordinatorStore, count: int, *, granted: bool =
         await store.grant("dave", 1_000, key=f"start:{jid}", memo="", created_at=1.0)
     for t in tasks[:count]:
         await store.apply([*ran(t.id, jid, {"n1": f"{t.id}-a", "n2": f"{t.id}-b"}),
-                           paid_verdict(t.id, jid, {"n1": f"{t.id}-a", "n2": f"{t.id}-b"})])
-    return jid, [t.id for t in tasks]
+                           paid_verdict(t.id, jid, {"n1": f"{t.id}-a", "n2": f"{t.id}-b"}, amount=1)])
+    return jid, [t.id for t in tasks]  # amount 1: what 2 rows of 10 FLOPs are worth, so verify passes
 
 
 # --- checkpoints -------------------------------------------------------------------------------
