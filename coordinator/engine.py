@@ -89,6 +89,10 @@ SLOW_NODE_FLOPS = 25e6  # FLOP/s assumed of a node before any is measured: slow 
 READY_WINDOW = 64  # a node is served from a random pick among the oldest ready tasks
 
 
+
+class NotCancellable(ValueError):
+    """The job is unknown here or already finished; the message says which."""
+
 class Engine:
     def __init__(self, *, lease_seconds: float, max_inline_bytes: int, new_id: Callable[[], str],
                  trust: TrustBook | None = None, rng: random.Random | None = None,
@@ -123,6 +127,10 @@ class Engine:
         self.audits: list[AuditRequest] = []  # for the service to run, then `on_audit`
         self.blocked: list[tuple[str, str]] = []  # (owner, reason) newly blocked: the service persists it
         self.counters: Counter[str] = Counter()
+        self._first_issued: dict[str, float] = {}  # task -> wall time its first lease went out
+        # Told each decided task's seconds from first lease to verdict (the service's latency
+        # histogram); a plain call, so the engine stays free of any metrics library.
+        self.observe_task_seconds: Callable[[float], None] = _ignore
 
     # ---- jobs -------------------------------------------------------------------------------
     def add_job(self, job: JobRecord, tasks: list[TaskRecord], *, now_wall: float | None = None) -> None:
@@ -154,6 +162,7 @@ class Engine:
                 if self.tasks.pop(task_id, None) is not None:
                     self._auditing.pop(task_id, None)
                     self._ready.pop(task_id, None)
+                    self._first_issued.pop(task_id, None)
             self._closing.pop(job_id, None)
             self._closing_failed.discard(job_id)
         if gone and any(j in gone for _, j in self._job_deadlines):
@@ -340,6 +349,7 @@ class Engine:
             self._invalid(task, job, node, lease.owner, problem or "no outputs", now_wall)
         else:
             vote = Vote(lease.id, node, lease.owner, result.output_digest, outputs, stored=result.outputs is None)
+            self.counters["result_counted"] += 1
             self._vote(task, job, vote, now_wall)
         if task.state is TaskState.OPEN:
             self._replan(task, now_wall=now_wall)
@@ -600,15 +610,36 @@ class Engine:
                                  now_wall=now_wall)
         self.counters["task_verified"] += 1
         self.counters["task_verified_checked" if checked else "task_verified_unchecked"] += 1
+        self._decided(task, now_wall)
         job.verified += 1
         self._retire(task)
         self._maybe_finish(job, now_wall)
+
+    def cancel_job(self, job_id: str, reason: str, now_wall: float) -> int:
+        """Fail every open task of a running job with `reason`; returns how many. The job then
+        ends failed by the ordinary path: its verified tasks stay paid for, its live leases' results
+        count for nothing, and the rest of its reservation is released. Raises `NotCancellable`
+        for an unknown or finished job."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotCancellable(f"unknown job {job_id}")
+        if job.state is not JobState.RUNNING:
+            raise NotCancellable(f"job {job_id} is already {job.state}: nothing to cancel")
+        open_tasks = [t for tid in job.tasks if (t := self.tasks.get(tid)) is not None and t.state is TaskState.OPEN]
+        for task in open_tasks:
+            self._fail(task, job, reason, now_wall)
+        return len(open_tasks)
+
+    def heard_from(self) -> dict[str, float]:
+        """When each node was last heard from (monotonic), nodes with work or recently asking."""
+        return dict(self._heard)
 
     def _fail(self, task: TaskRecord, job: JobRecord, reason: str, now_wall: float) -> None:
         task.state = check_transition(task.state, TaskState.FAILED)
         task.error = reason
         self.ops.append(TaskDecided(task.id, TaskState.FAILED, None, reason, (), ()))
         self.counters["task_failed"] += 1
+        self._decided(task, now_wall)
         job.failed += 1
         job.failures.append({"task": task.id, "reason": reason})
         log.warning("task failed task=%s reason=%r", task.id, reason)
@@ -616,6 +647,11 @@ class Engine:
         task.auditing = False
         self._retire(task)
         self._maybe_finish(job, now_wall)
+
+    def _decided(self, task: TaskRecord, now_wall: float) -> None:
+        first = self._first_issued.pop(task.id, None)
+        if first is not None:  # restored tasks and tasks failed before any lease are not timed
+            self.observe_task_seconds(max(0.0, now_wall - first))
 
     def _retire(self, task: TaskRecord) -> None:
         for lease_id in list(task.live):
@@ -842,6 +878,8 @@ class Engine:
         lease = LeaseRecord(id=self._new_id(), task=task.id, job=task.job, node=node, owner=owner,
                             issued_at=now_wall, expires_at=now_wall + span, deadline=now + span)
         self._track(lease, task)
+        if task.id not in self._first_issued:
+            self._first_issued[task.id] = now_wall
         self.ops.append(LeaseIssued(lease))
         wanted = self._ready[task.id] - 1
         if wanted > 0:
@@ -858,6 +896,10 @@ class Engine:
 
     def live_nodes(self) -> int:
         return len(self._waiting)
+
+    def ready_tasks(self) -> int:
+        """Tasks waiting for a node to take them (a replica each, at least)."""
+        return len(self._ready)
 
     # ---- explanations ------------------------------------------------------------------------
     def _note(self, task: TaskRecord, note: str) -> None:
@@ -937,6 +979,10 @@ class Engine:
             out.append(NodeView(node=node, owner=owner, capacity=waiting.capacity if waiting else 0,
                                 leases=len(leases)))
         return out
+
+
+def _ignore(seconds: float) -> None:
+    pass
 
 
 def _check_outputs(outputs: Mapping[str, npt.NDArray[Any]], job: JobRecord, task: TaskRecord) -> str | None:

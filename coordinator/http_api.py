@@ -21,10 +21,13 @@ from .accounts import Account, Refused
 from .app_keys import COORDINATOR
 from .broker_acl import BrokerAclError
 from .budget import InsufficientCredit
+from .dashboard_http import add_dashboard_routes
+from .events_http import JobAccess, add_view_routes, job_document
 from .http_auth import JOB_TOKEN_HEADER, PRINCIPAL, Access, Principal, access, body_limit, refuse
 from .jobs import BadJob, JobOptions
 from .json_inputs import MAX_JSON_BODY_BYTES, parse_json_job
 from .ledger_http import add_ledger_routes
+from .metrics import add_metrics_routes
 from .model_probe import ProbeBusy
 from .models import InvalidModel
 from .openapi import OPENAPI_PATH, serve_openapi
@@ -105,6 +108,8 @@ def _str_field(body: dict[str, Any], name: str, *, required: bool = True, limit:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 either way: "status" says "degraded" (and "broker_connected" false) while the MQTT broker
+    is away, for a load balancer or a person to read; the process itself is alive and serving."""
     return web.json_response(request.app[COORDINATOR].health())
 
 
@@ -157,6 +162,11 @@ async def get_model(request: web.Request) -> web.Response:
 async def post_job(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     account = caller_account(request)
+    if not c.connected.is_set():
+        # Accepted now, the job would wait unseen for a broker no node can reach us through.
+        c.counters["refused_broker_down"] += 1
+        return refuse(503, f"the coordinator cannot reach its MQTT broker at {':'.join(map(str, c.settings.broker))}, "
+                           "so no node can get work: try again once /v1/health says \"ok\"", retry_after=5)
     try:
         if request.content_type == NPZ:
             body: dict[str, Any] = {}
@@ -257,10 +267,10 @@ async def get_job(request: web.Request) -> web.Response:
         await c.wait_finished(job_id, wait)
     elif not job.running:
         await c.flush()  # a finished state is reported only once it is committed, so it survives a crash
-    job = c.job(job_id)
-    if job is None:  # expired, or deleted, while we waited
+    document = job_document(c, job_id, public=False)  # the status with "why" and "eta_seconds"
+    if document is None:  # expired, or deleted, while we waited
         return await _gone(request, job_id)
-    return web.json_response(dict(job.status))
+    return web.json_response(document)
 
 
 @access(Access.JOB)
@@ -305,8 +315,8 @@ async def delete_job(request: web.Request) -> web.Response:
         c.counters["refused_delete_not_submitter"] += 1
         return fail(404, "unknown job")
     if job.running:
-        return fail(409, "job is still running: cancel is not available yet; wait for it to finish "
-                         "(GET /v1/jobs/{job}?wait=60), then delete it")
+        return fail(409, "job is still running: cancel it first (POST /v1/jobs/{job}/cancel, or "
+                         "`sparecycles cancel JOB`), then delete it")
     try:
         await c.delete_job(job_id)
     except ValueError:  # reopened meanwhile (an audit caught a cheat): running again
@@ -516,6 +526,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/admin/accounts/{name}/grant", admin_grant)
     app.router.add_post("/v1/admin/invites", admin_invite)
     app.router.add_get(OPENAPI_PATH, serve_openapi)
-    # [routes: jobs and nodes listing, CLI]
-    # [routes: dashboard and events]
-    # [routes: operations]
+    add_view_routes(app, JobAccess(may_read=_may_read, gone=_gone))  # job and node lists, cancel, events
+    add_dashboard_routes(app)  # the page at / and its files
+    add_metrics_routes(app)  # GET /metrics and the request timer

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
 from typing import Any, Final
 
 from aiohttp import web
@@ -64,13 +63,9 @@ def _paging(request: web.Request) -> tuple[int, int]:
     return after, limit
 
 
-def iso_time(seconds: float) -> str:
-    """Wall-clock seconds in ISO 8601, UTC, to the millisecond."""
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def entry_json(entry: Entry) -> dict[str, object]:
-    return {**entry.to_json(), "created_at_iso": iso_time(entry.record.created_at)}
+    """An entry as every ledger answer shows it (with `created_at_iso`: ledger.entries)."""
+    return entry.to_json()
 
 
 async def ledger_balances(request: web.Request) -> web.Response:

@@ -67,7 +67,8 @@ _ERROR_TEXT: Final = {
     415: "unsupported content type",
     422: "the job failed",
     429: "rate limit or quota: retry after Retry-After seconds",
-    503: "a dependency (the broker) refused; retry later",
+    503: "a dependency (the broker, the database) is away; retry after Retry-After seconds",
+    507: "the coordinator's storage is full; retry once its operator has freed space",
 }
 
 
@@ -249,7 +250,17 @@ _PATHS: Final[dict[str, dict[str, Any]]] = {
         errors=(400, 409))},
     "/v1/accounts/me": {"get": _op("the signing account, its credit, usage and nodes", Access.ACCOUNT,
                                    {"200": _json(_ref("Me"), "the account")})},
-    "/v1/nodes": {"post": _op(
+    "/v1/nodes": {"get": _op(
+        "nodes online (working, idle) and seen in the last 5 minutes (`online`: false)", Access.PUBLIC,
+        {"200": _json(_obj({"nodes": {"type": "array", "items": _obj(
+            {"node": _STR, "owner": _STR, "slots": _INT, "leases": _INT,
+             "state": {"enum": ["working", "idle", "away", "blocked"]}, "online": _BOOL,
+             "speed": {"type": ["number", "null"], "description": "measured results per second"},
+             "speed_unit": {"const": "tasks/s"},
+             "trust": _obj({"level": {"enum": ["trusted", "untrusted", "blocked"]}, "score": _NUM,
+                            "streak": _INT, "audit_rate": _NUM}),
+             "last_seen": {"type": ["number", "null"]}, "last_seen_iso": _NULLABLE_STR})}}), "the nodes")}),
+                  "post": _op(
         "register the signing node key under the account that certified it", Access.SIGNED,
         {"200": _json(_ref("NodeRegistered"), "registered")},
         body=_json_body(_obj({"certificate": {"type": "string", "minLength": 1, "maxLength": 4096,
@@ -268,7 +279,20 @@ _PATHS: Final[dict[str, dict[str, Any]]] = {
                    {"200": {"description": "the model", "content": {"application/octet-stream": {"schema": _BINARY}}}},
                    params=[_DIGEST], errors=(404,)),
     },
-    "/v1/jobs": {"post": _op(
+    "/v1/jobs": {"get": _op(
+        "jobs, newest first: unsigned, every job's public summary (no model, no failure details); signed by an "
+        "account, its own jobs in full; by an operator, every job in full", Access.JOB,
+        {"200": _json(_obj({"jobs": {"type": "array", "items": _obj(
+            {"job": _STR, "state": {"enum": ["running", "done", "failed"]}, "submitter": _STR,
+             "created_at": _NUM, "created_at_iso": _STR, "finished_at": {"type": ["number", "null"]},
+             "tasks": _obj({"total": _INT, "verified": _INT, "failed": _INT, "open": _INT}), "rows": _INT,
+             "model": _NULLABLE_STR, "why": _NULLABLE_STR, "eta_seconds": {"type": ["number", "null"]}})}}),
+            "the jobs")},
+        params=[_query("state", "which jobs (default all)", {"enum": ["running", "done", "failed", "all"]}),
+                _query("limit", "at most this many (default 50)", {"type": "integer", "minimum": 1,
+                                                                    "maximum": 500})],
+        errors=(400,)),
+                 "post": _op(
         "submit a job: JSON, or NPZ bytes with the options in the query", Access.ACCOUNT,
         {"202": _json(_ref("JobCreated"), "accepted; poll GET /v1/jobs/{job}")},
         params=[_query("model", "NPZ bodies: the model's sha256", {"type": "string", "pattern": _HEX64}),
@@ -278,7 +302,7 @@ _PATHS: Final[dict[str, dict[str, Any]]] = {
                 _query("deadline", "NPZ bodies: seconds", _POSITIVE)],
         body={"required": True, "content": {"application/json": {"schema": _ref("JobRequest")},
                                             NPZ: {"schema": _BINARY}}},
-        errors=(400, 402, 404, 413, 415))},
+        errors=(400, 402, 404, 413, 415, 429, 503, 507))},
     "/v1/jobs/{job}": {
         "get": _op("a job's status; `wait` long-polls for it to finish", Access.JOB,
                    {"200": _json(_ref("JobStatus"), "status")},
@@ -367,9 +391,40 @@ _PATHS: Final[dict[str, dict[str, Any]]] = {
         errors=(400, 404))},
     "/v1/admin/invites": {"post": _op("a one-time registration token", Access.OPERATOR,
                                       {"201": _json(_obj({"invite": _STR}), "the token")})},
-    # [paths: jobs and nodes listing, CLI]
-    # [paths: dashboard and events]
-    # [paths: operations]
+    "/v1/jobs/{job}/cancel": {"post": _op(
+        "cancel a running job (its submitter or an operator): open tasks fail, the job ends failed, the unspent "
+        "reservation is released", Access.ACCOUNT,
+        {"200": _json(_obj({"job": _STR, "cancelled_tasks": _INT, "state": _STR}), "cancelled")},
+        params=[_JOB], errors=(404, 409))},
+    "/v1/jobs/{job}/events": {"get": {**_op(
+        "server-sent events: `progress` (the job's JSON, as GET /v1/jobs/{job}) when its counts change, then "
+        "`done` or `failed` and the end; a comment every 15 s", Access.JOB,
+        {"200": {"description": "an event stream", "content": {"text/event-stream": {"schema": _STR}}}},
+        params=[_JOB], errors=(404, 410, 503)), "x-sparecycles-stream": True}},
+    "/v1/events": {"get": {**_op(
+        "server-sent events for the dashboard: a `snapshot` every second (jobs, nodes, throughput, ledger, "
+        "blocked accounts, unit)", Access.PUBLIC,
+        {"200": {"description": "an event stream", "content": {"text/event-stream": {"schema": _STR}}}},
+        errors=(503,)), "x-sparecycles-stream": True}},
+    "/": {"get": _op("the live dashboard's page (reads GET /v1/events; docs/dashboard.md); 304 on If-None-Match",
+                     Access.PUBLIC, {"200": {"description": "the page",
+                                             "content": {"text/html": {"schema": _STR}}}})},
+    "/dashboard/{file}": {"get": _op(
+        "one of the dashboard's files: its script, styles or icon (with ?v=<digest>, cached for a year); "
+        "304 on If-None-Match",
+        Access.PUBLIC,
+        {"200": {"description": "the file", "content": {"text/javascript": {"schema": _STR},
+                                                          "text/css": {"schema": _STR},
+                                                          "image/svg+xml": {"schema": _STR}}}},
+        params=[_path_param("file", "a file name", {"type": "string", "enum": ["dashboard.js", "dashboard.css",
+                                                                               "icon.svg"]}),
+                _query("v", "the file's digest, as the page links it", _STR)],
+        errors=(404,))},
+    "/metrics": {"get": _op(
+        "Prometheus metrics in its text format: jobs and tasks by state, results by verdict, refused messages by "
+        "reason, nodes online, queue depths, broker connection, task latency and HTTP duration histograms "
+        "(docs/operations.md)", Access.PUBLIC,
+        {"200": {"description": "text exposition format 0.0.4", "content": {"text/plain": {"schema": _STR}}}})},
 }
 
 _DOCUMENT: Final[dict[str, Any]] = {

@@ -17,9 +17,11 @@ import email.utils
 import io
 import json
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -56,6 +58,8 @@ MAX_RETRY_DELAY = 5.0
 JOB_TOKEN_HEADER = "X-Sparecycles-Job-Token"
 # Hashing a body to sign it runs at ~1 GB/s: above this size it goes to a thread, off the loop.
 HASH_IN_THREAD = 1024 * 1024
+# An event stream silent this long is dead (the coordinator sends a comment every 15 s).
+STREAM_SILENCE = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +391,95 @@ class Client:
                                 headers={"Accept": NPZ, **_token(read_token)})
         return from_npz(body)
 
+    async def jobs(self, *, state: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Jobs, newest first: with an identity, this account's own jobs in full; without, every
+        job's public summary. `state`: running, done, failed or all (default)."""
+        answer = await self._json("GET", "/v1/jobs", params={"state": state, "limit": limit},
+                                  sign=self.identity is not None)
+        return _list_of(_as_dict(answer, "/v1/jobs"), "jobs", "/v1/jobs")
+
+    async def cancel(self, job: str) -> dict[str, Any]:
+        """Cancel a running job of this account: `{"job", "cancelled_tasks", "state"}`."""
+        self._require_identity("cancel")
+        path = f"/v1/jobs/{quote(job, safe='')}/cancel"
+        return _as_dict(await self._json("POST", path), path)
+
+    async def events(self, job: str, *, read_token: str | None = None) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The job's server-sent events as (event, job JSON): `progress` while it runs, then
+        `done` or `failed`, after which the stream ends."""
+        path = f"/v1/jobs/{quote(job, safe='')}/events"
+        async for event in self._stream(path, _token(read_token)):
+            yield event
+
+    async def _stream(self, path: str, headers: Mapping[str, str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        session = self._ensure_session()
+        url = URL(self.base_url + path, encoded=True)
+        all_headers = {"Accept": "text/event-stream", **headers}
+        if self.identity is not None and JOB_TOKEN_HEADER not in headers:
+            all_headers["Authorization"] = await self._authorization("GET", url.raw_path_qs, b"")
+        # No total timeout: a stream lasts as long as the job. The coordinator sends a comment every
+        # 15 s, so a read silent for STREAM_SILENCE means the connection is dead.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=STREAM_SILENCE)
+        try:
+            async with session.get(url, headers=all_headers, timeout=timeout) as resp:
+                if resp.status >= 400:
+                    answer = _Answer(resp.status, await resp.read(), _retry_after(resp.headers.get("Retry-After")))
+                    raise rejection(answer.status, _error_message(answer), method="GET", path=path,
+                                    retry_after=answer.retry_after)
+                parser = SseParser()
+                async for line in resp.content:
+                    for event in parser.feed(line):
+                        yield event
+        except aiohttp.ClientConnectionError as exc:
+            raise CoordinatorUnavailable(self.base_url, str(exc) or type(exc).__name__) from exc
+        except TimeoutError as exc:
+            silent = f"the event stream was silent for {STREAM_SILENCE:g} s"
+            raise CoordinatorUnavailable(self.base_url, silent) from exc
+
+    async def follow(
+        self,
+        job: str,
+        *,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - one deadline for the whole follow, as `wait`
+        read_token: str | None = None,
+    ) -> dict[str, Any]:
+        """Like `wait`, fed by the job's event stream (progress arrives as it happens, with "why"
+        and "eta_seconds"); falls back to polling when the stream is refused or drops."""
+        try:
+            async with asyncio.timeout(timeout):
+                async for event, doc in self.events(job, read_token=read_token):
+                    if on_progress is not None:
+                        on_progress(doc)
+                    if event == "done":
+                        return doc
+                    if event == "failed":
+                        raise JobFailed(doc)
+        except TimeoutError as exc:
+            raise WaitTimeout(job, timeout or 0.0, None) from exc
+        except (CoordinatorUnavailable, RequestRejected) as exc:
+            if isinstance(exc, RequestRejected) and not _stream_unavailable(exc):
+                raise
+        # An older coordinator without the stream, too many streams open, or the stream dropped.
+        return await self.wait(job, on_progress=on_progress, timeout=timeout, read_token=read_token)
+
+    async def run(self, model: bytes | str | os.PathLike[str], inputs: Mapping[str, npt.ArrayLike], *,
+                  on_progress: Callable[[dict[str, Any]], None] | None = None,
+                  timeout: float | None = None, **options: Any) -> dict[str, npt.NDArray[Any]]:  # noqa: ASYNC109
+        """One call: upload `model` (ONNX bytes, or a file path) if needed, submit `inputs`, follow the job to the
+        end and return its outputs. `options`: replicas, task_size, final, deadline (see `submit`).
+        Raises `JobFailed` when it fails, `WaitTimeout` after `timeout` seconds."""
+        data = model if isinstance(model, bytes) else await asyncio.to_thread(Path(model).read_bytes)
+        digest = await self.ensure_model(data)
+        job = await self.submit(digest, inputs, **options)
+        job_id = str(job["job"])
+        await self.follow(job_id, on_progress=on_progress, timeout=timeout)
+        return await self.outputs(job_id)
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Nodes online (and seen in the last 5 minutes): owner, slots, state, speed, trust, last seen."""
+        return _list_of(_as_dict(await self._json("GET", "/v1/nodes", sign=False), "/v1/nodes"), "nodes", "/v1/nodes")
+
     # -- nodes -------------------------------------------------------------------------------------
 
     async def trust(self, node: str) -> dict[str, Any]:
@@ -469,6 +562,43 @@ class Client:
                 # a cursor that does not move would loop forever
                 raise SparecyclesError(f"{path}: paging cursor did not advance past {after!r}")
             after = nxt
+
+
+class SseParser:
+    """Server-sent events from lines of bytes: yields (event, JSON data) at each blank line;
+    comments (heartbeats) and `retry:` are skipped, data that is not a JSON object too."""
+
+    def __init__(self) -> None:
+        self._event = "message"
+        self._data: list[str] = []
+
+    def feed(self, raw: bytes) -> list[tuple[str, dict[str, Any]]]:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if line:
+            if line.startswith(":"):
+                return []
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                self._event = value
+            elif name == "data":
+                self._data.append(value)
+            return []
+        event, data = self._event, "\n".join(self._data)
+        self._event, self._data = "message", []
+        if not data:
+            return []
+        try:
+            doc = json.loads(data)
+        except json.JSONDecodeError:
+            return []
+        return [(event, doc)] if isinstance(doc, dict) else []
+
+
+def _stream_unavailable(exc: RequestRejected) -> bool:
+    """Too many streams open (503), or a coordinator that has no stream route (404/405 that is
+    not about the job): polling serves instead."""
+    return exc.status == 503 or (exc.status in (404, 405) and "unknown job" not in exc.message)
 
 
 def _list_of(answer: Mapping[str, Any], field: str, path: str) -> list[dict[str, Any]]:

@@ -38,7 +38,7 @@ from sparecycles.progress import ProgressReporter
 from sparecycles.sdk import Client
 
 from . import accounts as accounts_cli
-from . import ledger_cli
+from . import jobs_cli, ledger_cli
 
 ENV_COORDINATOR = "SPARECYCLES_COORDINATOR"
 DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
@@ -101,6 +101,12 @@ def _add_coordinator(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _version() -> str:
+    from sparecycles import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparecycles",
@@ -109,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 job failed / ledger mismatch / request refused, 2 usage or input error, "
         "3 coordinator unreachable",
     )
+    parser.add_argument("--version", action="version", version=f"sparecycles {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     for name, (_module, help_text) in FORWARDED.items():
@@ -143,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_account_key(status)
     status.add_argument("--token", default=None, metavar="READ_TOKEN",
                         help="the job's read token (from submit), instead of the submitter's key")
+    status.add_argument("--follow", action="store_true",
+                        help="follow the job's progress (its event stream) until it is done or failed")
+    jobs_cli.add_parsers(sub, _add_coordinator, _add_account_key)
 
     trust = sub.add_parser(
         "trust", help="why a node is or is not trusted, or blocked",
@@ -300,16 +310,30 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     identity = _account_key(args.key)
 
+    submitted: dict[str, str] = {}
+
     async def action(client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
         await accounts_cli.ensure_account(client, args.account_name)
         digest = await client.ensure_model(model)
         job = await client.submit(digest, inputs, replicas=args.replicas, task_size=args.task_size,
                                   final=args.final, deadline=args.deadline)
+        submitted["job"] = str(job["job"])
         with ProgressReporter(str(job["job"])) as report:
-            await client.wait(str(job["job"]), on_progress=report, timeout=args.timeout)
+            # the job's event stream: progress as it happens, and "why" when it stalls
+            await client.follow(str(job["job"]), on_progress=jobs_cli.StallReporter(report), timeout=args.timeout)
         return job, await client.outputs(str(job["job"]))
 
-    job, outputs = _run(args.coordinator, action, identity=identity)
+    try:
+        job, outputs = _run(args.coordinator, action, identity=identity)
+    except KeyboardInterrupt:
+        # Ctrl-C asks nothing: the job keeps running on the coordinator; say how to get back to it.
+        if "job" not in submitted:
+            raise CliExit(EXIT_INTERRUPTED, "interrupted before the job was submitted: nothing is running") from None
+        j, where = submitted["job"], f" --coordinator {args.coordinator}"
+        raise CliExit(EXIT_INTERRUPTED,
+                      f"interrupted; job {j} keeps running. Follow it: sparecycles status {j} --follow{where}; "
+                      f"cancel it: sparecycles cancel {j}{where}; its outputs once done: "
+                      f"sparecycles outputs {j} -o OUT.npz{where}") from None
     _write_replacing(out, to_npz(outputs))
     seconds = time.monotonic() - started
     print(f"job {job['job']}: {job.get('rows')} rows in {job.get('tasks')} tasks, {seconds:.1f} s -> {out}",
@@ -330,6 +354,12 @@ def _write_replacing(path: Path, data: bytes) -> None:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     identity = None if args.token else _account_key(args.key)
+    if args.follow:
+        async def follow(c: Client) -> dict[str, Any]:
+            with ProgressReporter(args.job) as report:
+                return await c.follow(args.job, on_progress=jobs_cli.StallReporter(report), read_token=args.token)
+
+        _run(args.coordinator, follow, identity=identity)
     st = _run(args.coordinator, lambda c: c.status(args.job, read_token=args.token), identity=identity)
     if args.json:
         print(json.dumps(st))
@@ -340,6 +370,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"  rows      {st.get('rows')} (task size {st.get('task_size')}, replicas {st.get('replicas')})")
     print(f"  tasks     {tasks.get('verified')}/{tasks.get('total')} verified, {tasks.get('failed')} failed, "
           f"{tasks.get('open')} open")
+    if st.get("why"):
+        print(f"  why       {st['why']}")
+    if st.get("state") == "running":
+        print(f"  eta       {jobs_cli.eta_text(st.get('eta_seconds'))}")
     if st.get("error"):
         print(f"  error     {st['error']}")
     for failure in (st.get("failures") or [])[:MAX_FAILURES_SHOWN]:
@@ -433,9 +467,46 @@ ACCOUNT_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 GROUPS = (("owner", "owner_command", "certify NODE"), ("account", "account_command", "register NAME|show"),
           ("admin", "admin_command", "accounts|add|block|unblock|grant|invite"))
 
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 500:
+        raise CliExit(EXIT_USAGE, f"--limit must be in 1..500, got {args.limit}")
+    identity = None if args.everyone else _account_key(args.key)
+    rows = jobs_cli.cmd_jobs(args, lambda action: _run(args.coordinator, action, identity=identity))
+    jobs_cli.print_jobs(rows, as_json=args.json)
+    return EXIT_OK
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    answer = _run(args.coordinator, lambda c: c.cancel(args.job), identity=_account_key(args.key))
+    print(f"job {answer.get('job', args.job)}: cancelled {answer.get('cancelled_tasks')} open tasks; "
+          f"state {answer.get('state')}")
+    return EXIT_OK
+
+
+def _cmd_outputs(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise CliExit(EXIT_USAGE, f"cannot write {out}: directory {out.parent} does not exist")
+    identity = None if args.token else _account_key(args.key)
+    arrays = _run(args.coordinator, lambda c: c.outputs(args.job, read_token=args.token), identity=identity)
+    jobs_cli.write_outputs(out, to_npz(arrays), lambda message: CliExit(EXIT_FAILED, message))
+    rows = next(iter(arrays.values())).shape[0] if arrays else 0
+    print(f"job {args.job}: {len(arrays)} outputs, {rows} rows -> {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_nodes(args: argparse.Namespace) -> int:
+    jobs_cli.print_nodes(_run(args.coordinator, lambda c: c.nodes()), as_json=args.json)
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": _cmd_submit,
     "status": _cmd_status,
+    "jobs": _cmd_jobs,
+    "cancel": _cmd_cancel,
+    "outputs": _cmd_outputs,
+    "nodes": _cmd_nodes,
     "trust": _cmd_trust,
     "balances": _ledger(ledger_cli.cmd_balances),
     "history": _ledger(ledger_cli.cmd_history),

@@ -154,7 +154,7 @@ def test_the_submitter_deletes_a_finished_job_and_nobody_else_can(mosquitto_url:
                 submitter(net.url, mallory_key, "mallory") as mallory:
             running = await me.submit(await me.ensure_model(MODEL), {"x": X}, task_size=4)
             status, answer, _ = await api("DELETE", f"/v1/jobs/{running['job']}", me.identity)
-            assert status == 409 and "cancel is not available yet" in answer["error"], answer
+            assert status == 409 and "cancel it first" in answer["error"], answer
             await asyncio.to_thread(net.start_node, "alice")
             await asyncio.to_thread(net.start_node, "bob")
             assert (await me.wait(running["job"], timeout=60))["state"] == "done"

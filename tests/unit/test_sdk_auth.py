@@ -215,12 +215,12 @@ async def test_a_client_signing_for_another_coordinator_is_refused() -> None:
 async def test_a_client_without_a_key_is_refused_and_cannot_register() -> None:
     server = VerifyingServer()
     async with TestServer(server.app()) as ts, Client(str(ts.make_url("/"))) as client:
-        with pytest.raises(AuthenticationFailed, match="missing Authorization header"):
-            await client.balances()
+        with pytest.raises(SparecyclesError, match="needs an account key"):
+            await client.me()
         with pytest.raises(SparecyclesError, match="needs an account key"):
             await client.register("alice")
 
-    assert len(server.captured) == 1  # register never reached the network
+    assert server.captured == []  # neither reached the network
 
 
 async def test_status_and_outputs_without_the_read_token_are_refused() -> None:
@@ -245,11 +245,11 @@ async def test_statuses_map_to_their_errors_with_retry_after() -> None:
                     error(409, "name taken")]
     async with TestServer(server.app()) as ts, Client(str(ts.make_url("/")), identity=ALICE) as client:
         with pytest.raises(InsufficientCredit, match="balance 3") as credit:
-            await client.balances()
+            await client.me()
         limited = []
         for _ in range(3):
             with pytest.raises(RateLimited) as caught:
-                await client.balances()
+                await client.me()
             limited.append(caught.value.retry_after)
         with pytest.raises(RequestRejected) as other:
             await client.register("taken")
@@ -276,8 +276,9 @@ async def test_concurrent_requests_get_distinct_nonces_and_all_verify() -> None:
     import asyncio
 
     server = VerifyingServer()
+    server.accounts[ALICE.id] = "alice"
     async with TestServer(server.app()) as ts, Client(str(ts.make_url("/")), identity=ALICE) as client:
-        await asyncio.gather(*(client.balances() for _ in range(20)))
+        await asyncio.gather(*(client.me() for _ in range(20)))
 
     assert server.refusals == [] and len(server.signed) == 20
     assert len({signer.nonce for _, _, signer in server.signed}) == 20
@@ -363,6 +364,7 @@ async def test_a_short_429_is_sat_out_and_the_request_retried() -> None:
     # The coordinator keeps nothing of a refused request, so repeating it after Retry-After is safe.
     server = VerifyingServer()
     server.queue = [error(429, "slow down", **{"Retry-After": "0"})]
+    server.accounts[ALICE.id] = "alice"
     async with TestServer(server.app()) as ts, Client(str(ts.make_url("/")), identity=ALICE) as client:
-        balances = await client.balances()
-    assert isinstance(balances, dict) and server.queue == []
+        me = await client.me()
+    assert me["name"] == "alice" and server.queue == []
