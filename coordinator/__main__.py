@@ -12,12 +12,19 @@ import sys
 import aiomqtt
 from aiohttp import web
 
+from protocol.logformat import ENV_LOG_FORMAT, LOG_FORMATS, make_handler
+
 from .app import make_app
 from .broker_acl import BrokerAclError, parse_admin
 from .http_api import COORDINATOR
 from .ledger_notary import LedgerRefused
 from .retention import parse_duration
+from .service import Coordinator
 from .settings import CoordinatorSettings, parse_hostport
+from .store import StoreError
+from .store_factory import db_url
+
+BROKER_WAIT_SECONDS = 30.0  # for a broker that is slow to answer; a refused connection is told at once
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,14 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparecycles coordinator",
                                 description="Run the coordinator: HTTP API, MQTT dispatch, verification, ledger.")
     p.add_argument("--broker", default=d.broker_url, help="MQTT broker URL (default %(default)s)")
-    p.add_argument("--db", default=d.db_url, help="sqlite:////abs/path.db or memory (default %(default)s)")
+    p.add_argument("--db", default=d.db_url,
+                   help="where state and ledger live: a file path (SQLite; state.db is sqlite:///state.db), "
+                        "sqlite:////abs/path.db, postgresql://USER@HOST:PORT/DB, or memory (default %(default)s)")
     p.add_argument("--http", default=f"{d.http_host}:{d.http_port}", help="HOST:PORT to serve (default %(default)s)")
     p.add_argument("--replicas", type=int, default=d.replicas, help="default k per job (default %(default)s)")
     p.add_argument("--key", default=None, help="coordinator key file (default: beside the database)")
     p.add_argument("--topic-prefix", default=None, help="MQTT topic prefix (default sc/v1/<coordinator id>)")
-    p.add_argument("--lease-seconds", type=float, default=d.lease_seconds)
-    p.add_argument("--max-inline-kb", type=int, default=d.max_inline_bytes // 1024)
-    p.add_argument("--max-body-mb", type=int, default=d.max_body_bytes // 2**20)
+    p.add_argument("--lease-seconds", type=float, default=d.lease_seconds, metavar="S",
+                   help="longest a node may hold a task before it is offered to another (default %(default)s)")
+    p.add_argument("--max-inline-kb", type=int, default=d.max_inline_bytes // 1024, metavar="KB",
+                   help="task inputs up to this size travel inside the assignment, larger ones are fetched over "
+                        "HTTP (default %(default)s)")
+    p.add_argument("--max-body-mb", type=int, default=d.max_body_bytes // 2**20, metavar="MB",
+                   help="largest HTTP request body, e.g. a job's inputs (default %(default)s)")
     p.add_argument("--registration", choices=["open", "invite", "closed"], default=d.registration,
                    help="who may create accounts: anyone (rate-limited per address), holders of an operator's "
                         "invite, or nobody but the operator (default %(default)s)")
@@ -85,18 +98,35 @@ def build_parser() -> argparse.ArgumentParser:
     lg = p.add_argument_group("ledger", "the signed, tamper-evident log of credits")
     lg.add_argument("--checkpoint-seconds", type=float, default=d.checkpoint_seconds, metavar="S",
                     help="how often new ledger entries are put under a signed checkpoint (default %(default)s)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="INFO tells jobs created and finished, nodes joining, leaving and refused "
+                        "(default %(default)s)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get(ENV_LOG_FORMAT) or "text",
+                   help=f"text lines, or one JSON object per line for a log collector (default: ${ENV_LOG_FORMAT}, "
+                        "else text)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sparecycles")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 
 def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
     host, port = parse_hostport(args.http, 8080)
+    if args.log_format not in LOG_FORMATS:  # from the environment, which argparse does not check
+        raise ValueError(f"{ENV_LOG_FORMAT} must be one of {', '.join(LOG_FORMATS)}, got {args.log_format!r}")
     if args.db.startswith(("postgresql://", "postgres://")) and not args.key:
         # SQLite keeps the key beside its file; a database server has no such place. A new key per
         # start would disown every checkpoint signed before it, and the ledger would be refused.
         raise ValueError("a coordinator on PostgreSQL needs --key FILE: it signs the ledger's checkpoints with "
                          "that key, so keep the file (and a backup of it) across restarts")
-    return CoordinatorSettings(broker_url=args.broker, db_url=args.db, http_host=host, http_port=port,
+    return CoordinatorSettings(broker_url=args.broker, db_url=db_url(args.db), http_host=host, http_port=port,
                                replicas=args.replicas, key_path=args.key, topic_prefix=args.topic_prefix,
                                lease_seconds=args.lease_seconds, max_inline_bytes=args.max_inline_kb * 1024,
                                max_body_bytes=args.max_body_mb * 2**20, registration=args.registration,
@@ -137,21 +167,39 @@ async def serve(settings: CoordinatorSettings) -> None:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()  # the coordinator stops cleanly: its store closed, its loops ended
+        raise
     coordinator = app[COORDINATOR]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await asyncio.wait_for(coordinator.connected.wait(), timeout=30)
-    except TimeoutError:
-        logging.getLogger("sparecycles.coordinator").warning(
-            "broker %s not reachable yet; serving HTTP and retrying MQTT in the background", settings.broker_url)
+    await _wait_for_broker(coordinator, settings)
     print(f"coordinator ready http://{settings.http_host}:{settings.http_port} id={coordinator.identity.id} "
           f"prefix={coordinator.topics.prefix}", file=sys.stderr, flush=True)
     await stop.wait()
     await runner.cleanup()
+
+
+async def _wait_for_broker(coordinator: Coordinator, settings: CoordinatorSettings) -> None:
+    """Wait until MQTT connects; if it fails first (or takes too long), say so in one line that names
+    the address and what to do, and go on serving: the connection is retried in the background, and
+    until it succeeds /v1/health says "degraded" and job submissions are refused with a 503."""
+    waits = [asyncio.create_task(coordinator.connected.wait()), asyncio.create_task(coordinator.broker_failed.wait())]
+    await asyncio.wait(waits, timeout=BROKER_WAIT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    if coordinator.connected.is_set():
+        return
+    host, port = settings.broker
+    why = coordinator.broker_error or f"no answer in {BROKER_WAIT_SECONDS:g} s"
+    logging.getLogger("sparecycles.coordinator").warning(
+        "cannot reach the MQTT broker at %s:%d (%s): start one there (Mosquitto, or `sparecycles broker`) or point "
+        "--broker at it; serving HTTP meanwhile, with /v1/health \"degraded\" and new jobs refused (503) until "
+        "it connects", host, port, why)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     # The event loop hands work to the SQLite thread and back many times per job; at CPython's
     # default 5 ms GIL switch interval each hand-off can wait that long behind the busy loop.
     sys.setswitchinterval(0.0005)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = settings_from_args(args)
         settings.broker  # noqa: B018 - validates the URL before anything starts
@@ -169,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    root = logging.getLogger()
+    root.handlers[:] = [make_handler(sys.stderr, args.log_format)]
+    root.setLevel(args.log_level)
     try:
         asyncio.run(serve(settings))
     except LedgerRefused as exc:
@@ -181,8 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     except aiomqtt.MqttError as exc:
         print(f"error: cannot set up broker access control at {settings.broker_url}: {exc}", file=sys.stderr)
         return 1
+    except StoreError as exc:
+        print(f"error: cannot open the database: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
-        print(f"error: cannot serve HTTP on {args.http}: {exc}. Pick another --http HOST:PORT.", file=sys.stderr)
+        print(f"error: cannot serve HTTP on {settings.http_host}:{settings.http_port}: {exc.strerror or exc}. "
+              "Pick another --http HOST:PORT, or stop what already listens there.", file=sys.stderr)
         return 1
     return 0
 

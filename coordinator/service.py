@@ -108,6 +108,8 @@ class Coordinator:
         self._flush_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
+        self.broker_error: str | None = None  # why the last MQTT connection attempt failed; None once connected
+        self.broker_failed = asyncio.Event()  # set while the last attempt failed (the start-up line waits on it)
         self._finished: dict[str, asyncio.Event] = {}
         self._outgoing: dict[str, list[Assignment]] = {}
         self._model_meta: dict[str, dict[str, Any]] = {}  # models are immutable: their metadata too
@@ -566,6 +568,10 @@ class Coordinator:
                 if isinstance(op, JobFinished):
                     self.budget.release(op.job)
                     job = self.engine.jobs.get(op.job)
+                    # Told once committed: a job reported done here survives a crash.
+                    log.info("job finished job=%s state=%s tasks=%d failed=%d seconds=%.1f reason=%r", op.job,
+                             op.state, len(job.tasks) if job else 0, job.failed if job else 0,
+                             op.finished_at - job.spec.created_at if job else 0.0, op.error)
                     if job is not None and job.spec.submitter:
                         self.membership.job_closed(job.spec.submitter)
                     if op.job in self._finished:
@@ -631,6 +637,8 @@ class Coordinator:
                     for kind in ("work", "result", "status"):
                         await client.subscribe(self.topics.all_of(kind), qos=1)
                     self.connected.set()
+                    self.broker_error = None
+                    self.broker_failed.clear()
                     backoff = 0.2
                     log.info("mqtt connected broker=%s:%d prefix=%s", host, port, self.topics.prefix)
                     async for message in client.messages:
@@ -641,6 +649,8 @@ class Coordinator:
                             await self._publish_outgoing()
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
+                self.broker_error = str(exc) or type(exc).__name__
+                self.broker_failed.set()
                 self._client = None
                 # Standing requests went with the connection; nodes re-announce when they reconnect.
                 self.engine.forget_waiting()
@@ -711,7 +721,10 @@ class Coordinator:
             return
         self._node_since[msg.node] = msg.since
         if msg.state == "offline":
+            log.info("node left node=%s owner=%s", msg.node, self.membership.owner_of(msg.node, wall))
             await self._send(self.engine.on_node_offline(msg.node, now=now, now_wall=wall))
+        elif msg.since != current:  # a new connection, not the retained message seen again
+            log.info("node joined node=%s owner=%s", msg.node, self.membership.owner_of(msg.node, wall))
 
     async def _on_results(self, node: str, msg: Results) -> None:
         if self.membership.owner_of(node, time.time()) is None:
@@ -791,6 +804,12 @@ class Coordinator:
                 "broker_connected": self.connected.is_set(), "jobs": dict(states),
                 "nodes_waiting": self.engine.live_nodes(), "live_leases": len(self.engine.leases),
                 "counters": dict(self.counters + self.engine.counters)}
+
+    def queue_depths(self) -> dict[str, int]:
+        """What is waiting, for /metrics: read at scrape time, nothing counted on the hot path."""
+        return {"ready_tasks": self.engine.ready_tasks(), "live_leases": len(self.engine.leases),
+                "pending_ops": len(self.engine.ops), "audits_running": len(self._audit_tasks),
+                "outgoing_assignments": sum(len(v) for v in self._outgoing.values())}
 
 
 def _chunks(items: list[Assignment], budget: int) -> list[list[Assignment]]:

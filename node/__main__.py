@@ -23,6 +23,7 @@ import signal
 import sys
 
 from protocol.errors import ProtocolError
+from protocol.logformat import ENV_LOG_FORMAT, LOG_FORMATS
 
 from . import config, logs
 from .errors import NodeError
@@ -49,7 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
                "`sparecycles node benchmark` (this machine's speed). Exit codes: 0 stopped, 1 failed "
                "(e.g. refused), 2 bad configuration or another daemon runs with this key, 130 second signal.")
     config.add_arguments(p)
+    # Not a config.OPTIONS key: how the daemon writes its log is the service manager's business (a
+    # unit file or compose sets SPARECYCLES_LOG_FORMAT for every process), not the volunteer's file.
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get(ENV_LOG_FORMAT) or "text",
+                   help=f"text lines, or one JSON object per line for a log collector (default: ${ENV_LOG_FORMAT}, "
+                        "else text)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sparecycles")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 
 def settings_from_args(args: argparse.Namespace) -> NodeSettings:
@@ -105,12 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         command: int = importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return command
     args = build_parser().parse_args(argv)
+    if args.log_format not in LOG_FORMATS:  # from the environment, which argparse does not check
+        print(f"sparecycles node: {ENV_LOG_FORMAT} must be one of {', '.join(LOG_FORMATS)}, got {args.log_format!r}",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         cfg = config.load(vars(args), os.environ)
     except config.ConfigError as exc:
         print(f"sparecycles node: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logs.configure(cfg.log_level)
+    logs.configure(cfg.log_level, args.log_format)
     settings = cfg.settings
     try:
         lock = InstanceLock.acquire(settings.key_path)

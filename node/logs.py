@@ -1,29 +1,19 @@
-"""One log line per event, `event key=value ...`, on stderr: greppable and machine-readable."""
+"""One log line per event, `event key=value ...`, on stderr: greppable and machine-readable; with
+`--log-format json` (or SPARECYCLES_LOG_FORMAT=json) one JSON object per line instead, the fields
+of `kv()` as JSON fields (protocol/logformat.py)."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+from protocol.logformat import LOG_FORMATS, TEXT_FORMAT, kv, make_handler
 
-
-def _value(value: Any) -> str:
-    text = str(value)
-    if not text or any(c.isspace() or c in '="' for c in text):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return text
+FORMAT = TEXT_FORMAT
+__all__ = ["FORMAT", "LOG_FORMATS", "configure", "kv"]
 
 
-def kv(event: str, **fields: Any) -> str:
-    """`kv("task_done", lease="L1", elapsed=0.25)` → `task_done lease=L1 elapsed=0.25`."""
-    return " ".join([event, *(f"{k}={_value(v)}" for k, v in fields.items())])
-
-
-def configure(level: str | int = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+def configure(level: str | int = "INFO", log_format: str = "text") -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [make_handler(sys.stderr, log_format)]
     root.setLevel(level if isinstance(level, int) else level.upper())

@@ -32,7 +32,7 @@ from sparecycles.sdk import Client
 
 from .accounts import ensure_account
 from .processes import ManagedProcess, ProcessError, ProcessGroup, free_port
-from .workloads import Workload, accuracy, digits_mlp, predicted_labels, run_onnx
+from .workloads import Workload, accuracy, digits_mlp, missing_demo_extra, predicted_labels, run_onnx
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -85,7 +85,7 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def parse_settings(argv: list[str] | None) -> DemoSettings:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparecycles demo", description=__doc__.splitlines()[0])
     parser.add_argument("--broker", metavar="mqtt://HOST:PORT",
                         help="use this MQTT broker (default: start the embedded one on a free port)")
@@ -96,6 +96,11 @@ def parse_settings(argv: list[str] | None) -> DemoSettings:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job (600)")
     parser.add_argument("--seed", type=int, default=0, help="training seed of the digits model (0)")
     parser.add_argument("--keep-dir", action="store_true", help="keep the working directory (logs, database)")
+    return parser
+
+
+def parse_settings(argv: list[str] | None) -> DemoSettings:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.replicas > args.nodes:
         parser.error(f"--replicas {args.replicas} needs at least as many --nodes (of distinct owners)")
@@ -338,6 +343,11 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
+    missing = missing_demo_extra()
+    if missing:  # before any process starts: a plain `pip install sparecycles` has no scikit-learn
+        print(f"sparecycles demo needs {' and '.join(missing)}, which plain `pip install sparecycles` leaves out: "
+              "pip install 'sparecycles[demo]'", file=sys.stderr)
+        return 1
     workdir = Path(tempfile.mkdtemp(prefix="sparecycles-demo-"))
     say(f"sparecycles demo: {settings.nodes} nodes, k={settings.replicas}, working directory {workdir}")
     failed = True

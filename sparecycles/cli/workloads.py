@@ -46,6 +46,20 @@ class Workload:
         return len(self.labels)
 
 
+def missing_demo_extra() -> list[str]:
+    """The demo extra's packages that are not installed (found without importing them, which takes
+    a second): scikit-learn trains the model, skl2onnx converts it."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):  # ValueError: blocked in sys.modules, import would fail too
+            return True
+
+    return [name for module, name in (("sklearn", "scikit-learn"), ("skl2onnx", "skl2onnx")) if absent(module)]
+
+
 def cache_dir() -> Path:
     """`$SPARECYCLES_CACHE_DIR`, else `$XDG_CACHE_HOME/sparecycles`, else `~/.cache/sparecycles`."""
     if explicit := os.environ.get("SPARECYCLES_CACHE_DIR"):
