@@ -12,6 +12,7 @@ import sys
 import aiomqtt
 from aiohttp import web
 
+from protocol.cliparse import OneLineParser
 from protocol.logformat import ENV_LOG_FORMAT, LOG_FORMATS, make_handler
 
 from .app import make_app
@@ -29,7 +30,7 @@ BROKER_WAIT_SECONDS = 30.0  # for a broker that is slow to answer; a refused con
 
 def build_parser() -> argparse.ArgumentParser:
     d = CoordinatorSettings()
-    p = argparse.ArgumentParser(prog="sparecycles coordinator",
+    p = OneLineParser(prog="sparecycles coordinator",
                                 description="Run the coordinator: HTTP API, MQTT dispatch, verification, ledger.")
     p.add_argument("--broker", default=d.broker_url, help="MQTT broker URL (default %(default)s)")
     p.add_argument("--db", default=d.db_url,

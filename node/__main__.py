@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 
+from protocol.cliparse import OneLineParser
 from protocol.errors import ProtocolError
 from protocol.logformat import ENV_LOG_FORMAT, LOG_FORMATS
 
@@ -42,7 +43,7 @@ SUBCOMMANDS = {"status": "node.status_report", "benchmark": "node.benchmark"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="sparecycles node",
         description="Lend this machine's idle cores to a sparecycles coordinator. Settings: flags, then "
                     f"{config.ENV_PREFIX}<KEY> variables, then the --config file (docs/node.md).",

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from protocol.cliparse import OneLineParser
 from protocol.digests import sha256_hex
 from protocol.tensors import Tensor
 
@@ -145,7 +146,7 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparecycles node benchmark",
+    p = OneLineParser(prog="sparecycles node benchmark",
                                 description="Measure this machine's speed on built-in models, through the "
                                             "node's sandboxed runner.")
     p.add_argument("--slots", type=_positive(int), default=1,

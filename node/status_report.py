@@ -26,6 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from protocol.cliparse import OneLineParser
+
 from . import config, instance
 from .status import FRESH_SECONDS, HEALTHY, NodeState, status_path
 
@@ -196,7 +198,7 @@ def render(doc: Mapping[str, Any] | None, verdict: Verdict, ledger: Mapping[str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="sparecycles node status",
         description="What the node daemon running with this key is doing, and why.",
         epilog="exit codes: 0 running and healthy (working, waiting, suspended); 1 running but not healthy; "

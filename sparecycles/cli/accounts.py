@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.certs import issue_certificate
+from protocol.cliparse import OneLineParser
 from protocol.errors import LocalError, ProtocolError
 from protocol.signing import Identity
 
@@ -30,7 +31,7 @@ from ..sdk import Client
 DAY = 24 * 3600.0
 
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+def add_parsers(sub: argparse._SubParsersAction[OneLineParser],
                 add_coordinator: Callable[[argparse.ArgumentParser], None]) -> None:
     key = sub.add_parser("key", help="show a key file's id and public key (creating the key if absent)")
     key.add_argument("path", metavar="PATH", type=Path, help="an Ed25519 key file (node, owner or account)")

@@ -18,6 +18,8 @@ from typing import Any
 
 from amqtt.broker import Broker
 
+from protocol.cliparse import OneLineParser
+
 DEFAULT_LISTEN = "127.0.0.1:1883"
 LISTENER = "default"  # amqtt requires a listener named "default"; the others inherit its settings
 SHUTDOWN_TIMEOUT = 10.0
@@ -118,7 +120,7 @@ async def serve(host: str, port: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sparecycles.cli.broker", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m sparecycles.cli.broker", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--listen",
         type=parse_listen,

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from protocol.cliparse import OneLineParser
 from protocol.signing import Identity
 from sparecycles.errors import SparecyclesError
 from sparecycles.progress import ProgressReporter
@@ -86,7 +87,7 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparecycles demo", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="sparecycles demo", description=__doc__.splitlines()[0])
     parser.add_argument("--broker", metavar="mqtt://HOST:PORT",
                         help="use this MQTT broker (default: start the embedded one on a free port)")
     parser.add_argument("--nodes", type=_at_least(2), default=max(2, os.cpu_count() or 2),

@@ -33,6 +33,7 @@ from ledger.errors import InvalidEntry
 from ledger.merkle import InvalidProof, leaf_hash, verify_inclusion
 from ledger.outside import Evidence, check, sizes_to_prove
 from node.receipts import CHECKPOINT_FILE, read_receipts
+from protocol.cliparse import OneLineParser
 
 from ..sdk import Client
 from .tables import fmt, print_table
@@ -60,7 +61,7 @@ class LedgerCliError(Exception):
         self.message = message
 
 
-def add_parsers(ledger_sub: argparse._SubParsersAction[argparse.ArgumentParser],
+def add_parsers(ledger_sub: argparse._SubParsersAction[OneLineParser],
                 add_coordinator: Callable[[argparse.ArgumentParser], None]) -> None:
     balances = ledger_sub.add_parser("balances", help="credits per node, per owner and per account")
     history = ledger_sub.add_parser("history", help="a node's or an account's entries")

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+from protocol.cliparse import OneLineParser
 from protocol.signing import Identity
 from sparecycles.errors import (
     BadNpz,
@@ -108,7 +109,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sparecycles",
         description="Verified ONNX inference on volunteer CPUs: run the services, submit jobs, "
         "check the ledger.",
