@@ -22,15 +22,39 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Final
 
+import msgpack
+
 from .checkpoint import Checkpoint, CheckpointError, Receipt, check_history
-from .entries import record_from_json
+from .entries import (
+    LEAF_TAG_CHARGE,
+    LEAF_TAG_CLAWBACK,
+    LEAF_TAG_CREDIT,
+    LEAF_TAG_GRANT,
+    LEAF_TAG_REFUND,
+    MAX_AMOUNT,
+    MAX_MEMO,
+    iso_time,
+    record_from_json,
+)
 from .errors import InvalidEntry
 from .merkle import EMPTY_ROOT
-from .verify import find_discrepancies
+from .verify import (
+    ChargeEntry,
+    ClawbackEntry,
+    CreditEntry,
+    GrantEntry,
+    ParsedEntry,
+    RefundEntry,
+    collector_paused,
+    find_discrepancies,
+    parse_entries,
+)
 
 PROGRESS_EVERY: Final = 1 << 16
 """Entries hashed between two progress calls: a few per second on a large ledger."""
@@ -79,10 +103,13 @@ def check(evidence: Evidence, *, progress: Progress | None = None) -> list[str]:
     # Only checkpoints signed by the key can say where the log changed; a forged one says nothing.
     seen = [c for c in remembered if _signed(c, key)] + [r.checkpoint for r in receipts]
 
-    leaves = _leaf_hashes(evidence.entries, newest.size, problems, progress)
-    _check_tree(leaves, newest, seen, problems)
-    _check_receipt_entries(receipts, leaves, problems)
-    problems.extend(find_discrepancies(evidence.entries, evidence.accepted, evidence.balances))
+    with collector_paused():
+        # Parsed once, for the leaves and for find_discrepancies both.
+        items = parse_entries(evidence.entries)
+        leaves = _leaf_hashes(evidence.entries, items, newest.size, problems, progress)
+        _check_tree(leaves, newest, seen, problems)
+        _check_receipt_entries(receipts, leaves, problems)
+        problems.extend(find_discrepancies(evidence.entries, evidence.accepted, evidence.balances, parsed=items))
     return problems
 
 
@@ -120,25 +147,33 @@ def _check_receipts(receipts: Sequence[Receipt], newest: Checkpoint, proofs: Map
     return good
 
 
-def _leaf_hashes(entries: Sequence[Mapping[str, Any]], size: int, problems: list[str],
-                 progress: Progress | None) -> list[bytes]:
+def _leaf_hashes(entries: Sequence[Mapping[str, Any]], items: Sequence[ParsedEntry | str], size: int,
+                 problems: list[str], progress: Progress | None) -> list[bytes]:
     """The leaf hash of each entry, in order. A malformed entry gets a hash no entry has, so that
-    the others keep their positions and can still be compared with checkpoints seen before."""
+    the others keep their positions and can still be compared with checkpoints seen before.
+    `items` are the entries as `parse_entries` read them."""
     if len(entries) != size:
         problems.append(f"the coordinator served {len(entries)} entries for a checkpoint of {size}: "
                         f"entries were removed or added behind the checkpoint")
     hashes: list[bytes] = []
     append = hashes.append
+    leaf = _Leaves()
     out_of_place = False
-    for index, raw in enumerate(entries):
+    for index, (raw, item) in enumerate(zip(entries, items, strict=True)):
         if progress is not None and index and not index % PROGRESS_EVERY:
             progress(index, len(entries))
-        try:
-            data = record_from_json(raw).leaf_bytes()
-        except InvalidEntry as exc:
-            problems.append(f"entry #{index + 1} cannot be hashed: {exc}")
-            append(_UNHASHABLE)
-            continue
+        data = leaf.fast(raw, item)
+        if data is None:
+            try:
+                data = record_from_json(raw).leaf_bytes()
+            except InvalidEntry as exc:
+                problems.append(f"entry #{index + 1} cannot be hashed: {exc}")
+                append(_UNHASHABLE)
+                continue
+            except OverflowError as exc:  # an integer time beyond any float: math.isfinite raises
+                problems.append(f"entry #{index + 1} cannot be hashed: a number in it is out of range ({exc})")
+                append(_UNHASHABLE)
+                continue
         seq = raw.get("seq")
         if not out_of_place and (seq != index + 1 or isinstance(seq, bool)):
             problems.append(f"entry #{index + 1} has seq {seq!r:.40}: the served entries are not seq 1..{size} "
@@ -148,6 +183,104 @@ def _leaf_hashes(entries: Sequence[Mapping[str, Any]], size: int, problems: list
     if progress is not None:
         progress(len(entries), len(entries))
     return hashes
+
+
+def _keys(*names: str) -> frozenset[str]:
+    return frozenset({"kind", "seq", "created_at", "created_at_iso", *names})
+
+
+_CREDIT_KEYS: Final = _keys("node", "owner", "job", "task", "amount", "result_digest")
+_CREDIT_KEYS_REF: Final = _CREDIT_KEYS | {"ref"}
+_CHARGE_KEYS: Final = _keys("account", "job", "task", "amount")
+_CHARGE_KEYS_REF: Final = _CHARGE_KEYS | {"ref"}
+_GRANT_KEYS: Final = _keys("account", "amount", "key", "memo")
+_CLAWBACK_KEYS: Final = _keys("account", "node", "job", "task", "amount", "reason", "ref")
+_REFUND_KEYS: Final = _keys("account", "job", "task", "amount", "ref")
+
+
+class _Leaves:
+    """Leaf bytes of an entry exactly as the coordinator serves it, without building its record.
+
+    `record_from_json(raw).leaf_bytes()` builds a frozen record, runs its checks and formats its
+    time: about three quarters of hashing a ledger. For an entry `parse_entries` read well (its
+    names non-empty strings, its seq and amount exact ints) and that has exactly its kind's
+    fields, seq and created_at_iso, the rest of what `record_from_json` checks is checked here
+    (amount in range, created_at a finite float, memo or reason short enough, created_at_iso
+    agreeing) and the bytes are packed as the record's `leaf_bytes` packs them. Anything else
+    returns None, and the caller asks `record_from_json`, which says what is wrong.
+    tests/unit/test_ledger_outside.py holds the two to the same bytes for every kind."""
+
+    __slots__ = ("_last_iso", "_last_time", "_pack", "_prefixes")
+
+    def __init__(self) -> None:
+        self._pack = msgpack.Packer(use_bin_type=True).pack  # as entries._pack, without a Packer per leaf
+        self._last_time = math.nan  # equal to nothing
+        self._last_iso = ""
+        self._prefixes: dict[int, str] = {}  # epoch second -> its ISO 8601 form up to the seconds
+
+    def fast(self, raw: Mapping[str, Any], item: ParsedEntry | str) -> bytes | None:
+        if type(raw) is not dict:
+            return None
+        keys = raw.keys()
+        amount = raw.get("amount")
+        if type(amount) is not int or not 0 < amount <= MAX_AMOUNT:
+            return None
+        if isinstance(item, CreditEntry):
+            if keys != (_CREDIT_KEYS_REF if "ref" in raw else _CREDIT_KEYS) or not item.result_digest:
+                return None
+            fields: list[object] = [LEAF_TAG_CREDIT, item.node, item.owner, item.job, item.task, amount,
+                                    item.result_digest]
+            tail = [item.ref] if item.ref else []
+        elif isinstance(item, ChargeEntry):
+            if keys != (_CHARGE_KEYS_REF if "ref" in raw else _CHARGE_KEYS):
+                return None
+            fields, tail = [LEAF_TAG_CHARGE, item.account, item.job, item.task, amount], [item.ref] if item.ref else []
+        elif isinstance(item, GrantEntry):
+            memo = raw.get("memo")
+            if keys != _GRANT_KEYS or type(memo) is not str or len(memo) > MAX_MEMO:
+                return None
+            fields, tail = [LEAF_TAG_GRANT, item.account, amount, item.key, memo], []
+        elif isinstance(item, ClawbackEntry):
+            reason = raw.get("reason")
+            if keys != _CLAWBACK_KEYS or type(reason) is not str or len(reason) > MAX_MEMO:
+                return None
+            fields, tail = [LEAF_TAG_CLAWBACK, item.account, item.node, item.job, item.task, amount, reason,
+                            item.ref], []
+        elif isinstance(item, RefundEntry):
+            if keys != _REFUND_KEYS:
+                return None
+            fields, tail = [LEAF_TAG_REFUND, item.account, item.job, item.task, amount, item.ref], []
+        else:
+            return None
+        created_at = raw["created_at"]
+        if type(created_at) is not float or not self._iso_agrees(created_at, raw["created_at_iso"]):
+            return None
+        fields.append(created_at)
+        packed: bytes = self._pack(fields + tail)
+        return packed
+
+    def _iso_agrees(self, created_at: float, iso: object) -> bool:
+        """`iso == iso_time(created_at)` for a finite float, formatting a time only once per
+        second: entries written together share their time, or at least its second."""
+        if created_at == self._last_time:
+            return iso == self._last_iso
+        if not math.isfinite(created_at):
+            return False
+        try:
+            since = timedelta(seconds=created_at)  # rounded to the microsecond as iso_time rounds it
+        except OverflowError:
+            return False
+        second = since.days * 86400 + since.seconds
+        prefix = self._prefixes.get(second)
+        if prefix is None:
+            full = iso_time(created_at)
+            if full is None:
+                return False
+            if len(self._prefixes) >= 4096:
+                self._prefixes.clear()
+            prefix = self._prefixes[second] = full[:19]  # YYYY-MM-DDTHH:MM:SS
+        self._last_time, self._last_iso = created_at, f"{prefix}.{since.microseconds // 1000:03d}Z"
+        return iso == self._last_iso
 
 
 _UNHASHABLE: Final = b"\xff" * 32

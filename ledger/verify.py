@@ -27,9 +27,11 @@ credited for a task again after a clawback, but never twice within one round.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeGuard
 
@@ -38,7 +40,7 @@ KINDS: Final = ("credit", "charge", "grant", "clawback", "refund")
 
 
 @dataclass(slots=True)
-class _Credit:
+class CreditEntry:
     seq: int
     node: str
     owner: str
@@ -57,7 +59,7 @@ class _Credit:
 
 
 @dataclass(slots=True)
-class _Charge:
+class ChargeEntry:
     seq: int
     account: str
     job: str
@@ -70,7 +72,7 @@ class _Charge:
 
 
 @dataclass(slots=True)
-class _Grant:
+class GrantEntry:
     seq: int
     account: str
     key: str
@@ -81,7 +83,7 @@ class _Grant:
 
 
 @dataclass(slots=True)
-class _Clawback:
+class ClawbackEntry:
     seq: int
     account: str
     node: str
@@ -95,7 +97,7 @@ class _Clawback:
 
 
 @dataclass(slots=True)
-class _Refund:
+class RefundEntry:
     seq: int
     account: str
     job: str
@@ -107,7 +109,7 @@ class _Refund:
         return f"seq {self.seq} (refund, task {self.task})"
 
 
-_Parsed = _Credit | _Charge | _Grant | _Clawback | _Refund
+ParsedEntry = CreditEntry | ChargeEntry | GrantEntry | ClawbackEntry | RefundEntry
 """Not frozen, never changed: a frozen dataclass builds through object.__setattr__, and a ledger
 parses millions of these (ledger verify's goal is 100,000 entries/s)."""
 
@@ -118,10 +120,10 @@ class _Round:
     the lease no longer believed; None while the verdict stands)."""
 
     ref: str | None = None
-    credits: list[_Credit] = field(default_factory=list)
-    charges: list[_Charge] = field(default_factory=list)
-    clawbacks: list[_Clawback] = field(default_factory=list)
-    refunds: list[_Refund] = field(default_factory=list)
+    credits: list[CreditEntry] = field(default_factory=list)
+    charges: list[ChargeEntry] = field(default_factory=list)
+    clawbacks: list[ClawbackEntry] = field(default_factory=list)
+    refunds: list[RefundEntry] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -136,9 +138,9 @@ class _Accepted:
     price: tuple[int, int] | None = None  # (flops_per_row, rows) when the row carries the cost model's inputs
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Task:
-    """What the accepted results say about one task."""
+    """What the accepted results say about one task (not frozen, for the reason ParsedEntry says)."""
 
     job: str
     state: str
@@ -146,75 +148,100 @@ class _Task:
 
 
 def find_discrepancies(entries: Sequence[Mapping[str, Any]], accepted: Sequence[Mapping[str, Any]],
-                       balances: Mapping[str, Any]) -> list[str]:
+                       balances: Mapping[str, Any], *,
+                       parsed: Sequence[ParsedEntry | str] | None = None) -> list[str]:
     """Every way the three documents disagree, one sentence each, naming the seq, task and node.
     Entry problems come first, in entry order; then accepted results left uncredited and tasks
     left uncharged; then charges that differ from their round's credits; then balances.
-    Returns [] when the ledger is consistent."""
-    found: list[str] = []
-    records = _accepted_records(accepted, found)
-    by_key = {(r.task, r.node): r for r in records}
-    tasks: dict[str, _Task] = {}
-    for r in records:
-        tasks.setdefault(r.task, _Task(r.job, r.task_state, r.submitter))
-    items = [_parse_entry(raw) for raw in entries]
-    repeats = _repeats(items)
-    rounds = _rounds(items, repeats)
-    _check_entries(entries, items, repeats, rounds, by_key, tasks, found)
-    parsed = [p for p in items if not isinstance(p, str)]
-    standing = [(p, rnd) for p, rnd in zip(items, rounds, strict=True)
-                if rnd is not None and rnd.ref is None and not isinstance(p, str)]
+    Returns [] when the ledger is consistent.
 
-    credited = {(c.task, c.node) for c, _ in standing if isinstance(c, _Credit)}
+    `parsed`, when given, must be `parse_entries(entries)`: a caller that parsed the entries
+    already (`ledger.outside`, to rebuild their leaves) saves parsing them twice."""
+    with collector_paused():
+        return _find_discrepancies(entries, accepted, balances, parsed)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a check runs. A check allocates a few objects per
+    entry and frees none of them until it ends, so every collection would walk them all again for
+    nothing (on a large ledger, about a third of the check's time); they form no reference
+    cycles, so nothing is left for the collector once the check is over."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _find_discrepancies(entries: Sequence[Mapping[str, Any]], accepted: Sequence[Mapping[str, Any]],
+                        balances: Mapping[str, Any], parsed: Sequence[ParsedEntry | str] | None) -> list[str]:
+    found: list[str] = []
+    by_key, tasks = _accepted_index(accepted, found)
+    items = parse_entries(entries) if parsed is None else parsed
+    if len(items) != len(entries):
+        raise ValueError(f"parsed holds {len(items)} entries, not the {len(entries)} given")
+    repeats, rounds = _rounds(items)
+    _check_entries(entries, items, repeats, rounds, by_key, tasks, found)
+    tally = _tally(items, rounds, tasks)
+
     for record in by_key.values():
-        if record.task_state == VERIFIED and (record.task, record.node) not in credited:
+        if record.task_state == VERIFIED and (record.task, record.node) not in tally.credited:
             found.append(f"task {record.task} is verified and node {record.node}'s result was accepted, "
                          f"but the ledger has no credit for it")
-    charged = {c.task for c, _ in standing if isinstance(c, _Charge)}
     for task_id, task in tasks.items():
-        if task.state == VERIFIED and task.submitter and task_id not in charged:
+        if task.state == VERIFIED and task.submitter and task_id not in tally.charged:
             found.append(f"task {task_id} is verified and job {task.job} was submitted by {task.submitter}, "
                          f"but the ledger has no charge for it")
-    for item, rnd in zip(items, rounds, strict=True):
-        if isinstance(item, _Charge) and rnd is not None:
-            due = sum(c.amount for c in rnd.credits)
-            if item.amount != due:
-                found.append(f"{item.where()}: charge of {item.amount} does not equal the task's credits, {due}")
-    _check_balances(parsed, balances, found)
-    _check_accounts(parsed, tasks, balances, found)
+    found.extend(tally.charges_off)
+    _check_balances(tally, balances, found)
+    _check_accounts(tally, balances, found)
     return found
 
 
-def _repeats(items: Sequence[_Parsed | str]) -> dict[int, tuple[int, str]]:
-    """Index of each entry whose exactly-once key an earlier entry holds -> (that seq, the key's name)."""
+_REPEATED: Final = {
+    CreditEntry: "credit for this (task, node)", ChargeEntry: "charge for this task",
+    ClawbackEntry: "clawback for this (task, node, lease)", RefundEntry: "refund for this (task, lease)",
+    GrantEntry: "grant under this key"}
+"""The name of the key each kind is exactly-once by (as `ledger.entries.UniqueKey`)."""
+
+
+def _rounds(items: Sequence[ParsedEntry | str]) -> tuple[dict[int, tuple[int, str]], list[_Round | None]]:
+    """In one pass: the index of each entry whose exactly-once key an earlier entry holds -> (that
+    seq, the key's name); and each entry's round (None for grants, malformed entries and repeats,
+    reported alone). A credit or charge after a reversal opens the task's next round; a reversal
+    under another ref than the one under way starts a round of its own (it then reverses nothing)."""
     first_seq: dict[tuple[str, ...], int] = {}
-    out: dict[int, tuple[int, str]] = {}
-    for index, entry in enumerate(items):
-        if isinstance(entry, str):
-            continue
-        key, what = _unique_key(entry)
-        if key in first_seq:
-            out[index] = (first_seq[key], what)
-        else:
-            first_seq[key] = entry.seq
-    return out
-
-
-def _rounds(items: Sequence[_Parsed | str], repeats: Mapping[int, object]) -> list[_Round | None]:
-    """Each task entry's round (None for grants, malformed entries and repeats, reported alone).
-    A credit or charge after a reversal opens the task's next round; a reversal under another ref
-    than the one under way starts a round of its own (it then reverses nothing)."""
+    repeats: dict[int, tuple[int, str]] = {}
     current: dict[str, _Round] = {}
     out: list[_Round | None] = []
+    append = out.append
     for index, entry in enumerate(items):
-        if isinstance(entry, str | _Grant) or index in repeats:
-            out.append(None)
+        if isinstance(entry, CreditEntry):  # the common kinds' keys built here, not by a call
+            key: tuple[str, ...] = ("credit", entry.task, entry.node, entry.ref)
+        elif isinstance(entry, ChargeEntry):
+            key = ("charge", entry.task, entry.ref)
+        elif isinstance(entry, str):
+            append(None)
+            continue
+        else:
+            key = _unique_key(entry)
+        first = first_seq.get(key)
+        if first is not None:
+            repeats[index] = (first, _REPEATED[type(entry)])
+            append(None)
+            continue
+        first_seq[key] = entry.seq
+        if isinstance(entry, GrantEntry):
+            append(None)
             continue
         rnd = current.get(entry.task)
-        if isinstance(entry, _Credit | _Charge):
+        if isinstance(entry, CreditEntry | ChargeEntry):
             if rnd is None or rnd.ref is not None:
                 rnd = current[entry.task] = _Round()
-            if isinstance(entry, _Credit):
+            if isinstance(entry, CreditEntry):
                 rnd.credits.append(entry)
             else:
                 rnd.charges.append(entry)
@@ -222,104 +249,106 @@ def _rounds(items: Sequence[_Parsed | str], repeats: Mapping[int, object]) -> li
             if rnd is None or (rnd.ref is not None and rnd.ref != entry.ref):
                 rnd = current[entry.task] = _Round(ref=entry.ref)
             rnd.ref = entry.ref
-            if isinstance(entry, _Clawback):
+            if isinstance(entry, ClawbackEntry):
                 rnd.clawbacks.append(entry)
             else:
                 rnd.refunds.append(entry)
-        out.append(rnd)
-    return out
+        append(rnd)
+    return repeats, out
 
 
-def _check_entries(entries: Sequence[Mapping[str, Any]], items: Sequence[_Parsed | str],
+def _unique_key(entry: ParsedEntry) -> tuple[str, ...]:
+    """The key each kind is exactly-once by (as `ledger.entries.UniqueKey`)."""
+    if isinstance(entry, CreditEntry):
+        return ("credit", entry.task, entry.node, entry.ref)
+    if isinstance(entry, ChargeEntry):
+        return ("charge", entry.task, entry.ref)
+    if isinstance(entry, ClawbackEntry):
+        return ("clawback", entry.task, entry.node, entry.ref)
+    if isinstance(entry, RefundEntry):
+        return ("refund", entry.task, entry.ref)
+    return ("grant", entry.key)
+
+
+def _check_entries(entries: Sequence[Mapping[str, Any]], items: Sequence[ParsedEntry | str],
                    repeats: Mapping[int, tuple[int, str]], rounds: Sequence[_Round | None],
                    by_key: Mapping[tuple[str, str], _Accepted], tasks: Mapping[str, _Task],
                    found: list[str]) -> None:
     previous = 0
-    for index, (raw, entry, rnd) in enumerate(zip(entries, items, rounds, strict=True)):
+    for index, (entry, rnd) in enumerate(zip(items, rounds, strict=True)):
         if isinstance(entry, str):
             found.append(f"entry #{index + 1} is malformed: {entry}")
+            raw = entries[index]
             seq = raw.get("seq") if isinstance(raw, Mapping) else None
             previous = seq if _is_int(seq) and seq > previous else previous + 1
             continue
-        if entry.seq <= previous:
+        seq = entry.seq
+        if seq <= previous:
             found.append(f"{entry.where()}: seq does not increase, it follows seq {previous}")
-        elif entry.seq > previous + 1:
-            missing = str(previous + 1) if entry.seq == previous + 2 else f"{previous + 1}..{entry.seq - 1}"
+        elif seq > previous + 1:
+            missing = str(previous + 1) if seq == previous + 2 else f"{previous + 1}..{seq - 1}"
             found.append(f"{entry.where()}: gap in seq, {missing} missing")
-        previous = max(previous, entry.seq)
+        if seq > previous:
+            previous = seq
 
-        if index in repeats:
+        if repeats and index in repeats:
             first, what = repeats[index]
             found.append(f"{entry.where()}: duplicate {what}, already {_verb(entry)} at seq {first}")
         if entry.amount <= 0:
             found.append(f"{entry.where()}: amount {entry.amount} is not positive")
         if rnd is None:
             continue
-        if isinstance(entry, _Credit | _Charge):
-            _check_once_per_round(entry, rnd, found)
-        if rnd.ref is not None:
-            _check_reversal(entry, rnd, found)
-        elif isinstance(entry, _Credit):
-            _check_against_record(entry, by_key.get((entry.task, entry.node)), tasks.get(entry.task), found)
-        elif isinstance(entry, _Charge):
-            _check_charge(entry, tasks.get(entry.task), found)
+        if isinstance(entry, CreditEntry):
+            node = entry.node
+            for earlier in rnd.credits:  # a verdict pays each node once, whatever the refs say
+                if earlier.node == node:
+                    break
+            if earlier is not entry:
+                found.append(f"{entry.where()}: node {node} is credited again for task {entry.task} "
+                             f"without a clawback of its credit at seq {earlier.seq}")
+            if rnd.ref is None:
+                _check_against_record(entry, by_key.get((entry.task, node)), tasks.get(entry.task), found)
+                continue
+        elif isinstance(entry, ChargeEntry):
+            if rnd.charges[0] is not entry:  # and is charged once
+                found.append(f"{entry.where()}: task {entry.task} is charged again without a refund of its "
+                             f"charge at seq {rnd.charges[0].seq}")
+            if rnd.ref is None:
+                _check_charge(entry, tasks.get(entry.task), found)
+                continue
+        _check_reversal(entry, rnd, found)
 
 
-def _unique_key(entry: _Parsed) -> tuple[tuple[str, ...], str]:
-    """The key each kind is exactly-once by (as `ledger.entries.UniqueKey`), and its name."""
-    if isinstance(entry, _Credit):
-        return ("credit", entry.task, entry.node, entry.ref), "credit for this (task, node)"
-    if isinstance(entry, _Charge):
-        return ("charge", entry.task, entry.ref), "charge for this task"
-    if isinstance(entry, _Clawback):
-        return ("clawback", entry.task, entry.node, entry.ref), "clawback for this (task, node, lease)"
-    if isinstance(entry, _Refund):
-        return ("refund", entry.task, entry.ref), "refund for this (task, lease)"
-    return ("grant", entry.key), "grant under this key"
+def _verb(entry: ParsedEntry) -> str:
+    return {CreditEntry: "credited", ChargeEntry: "charged", GrantEntry: "granted", ClawbackEntry: "clawed back",
+            RefundEntry: "refunded"}[type(entry)]
 
 
-def _verb(entry: _Parsed) -> str:
-    return {_Credit: "credited", _Charge: "charged", _Grant: "granted", _Clawback: "clawed back",
-            _Refund: "refunded"}[type(entry)]
-
-
-def _check_once_per_round(entry: _Credit | _Charge, rnd: _Round, found: list[str]) -> None:
-    """A verdict pays each node once and is charged once, whatever the refs say."""
-    if isinstance(entry, _Credit):
-        earlier = next((c for c in rnd.credits if c.node == entry.node), entry)
-        if earlier is not entry:
-            found.append(f"{entry.where()}: node {entry.node} is credited again for task {entry.task} "
-                         f"without a clawback of its credit at seq {earlier.seq}")
-    elif rnd.charges[0] is not entry:
-        found.append(f"{entry.where()}: task {entry.task} is charged again without a refund of its charge "
-                     f"at seq {rnd.charges[0].seq}")
-
-
-def _check_reversal(entry: _Parsed, rnd: _Round, found: list[str]) -> None:
+def _check_reversal(entry: ParsedEntry, rnd: _Round, found: list[str]) -> None:
     """Within a reversed round: every credit clawed back and the charge refunded, exactly."""
     where, ref = entry.where(), rnd.ref
-    if isinstance(entry, _Credit):
+    if isinstance(entry, CreditEntry):
         if not any(k.node == entry.node for k in rnd.clawbacks):
             found.append(f"{where}: task {entry.task} was reopened (lease {ref}), but this credit was not "
                          f"clawed back")
-    elif isinstance(entry, _Charge):
+    elif isinstance(entry, ChargeEntry):
         if not rnd.refunds:
             found.append(f"{where}: task {entry.task} was reopened (lease {ref}), but this charge was not refunded")
-    elif isinstance(entry, _Clawback):
+    elif isinstance(entry, ClawbackEntry):
         credit = next((c for c in rnd.credits if c.node == entry.node), None)
         if credit is None:
             found.append(f"{where}: claws back nothing: no credit of node {entry.node} for task {entry.task} "
                          f"stands before it")
             return
         _check_same(where, "clawback", entry, credit, "owner", credit.owner, found)
-    elif isinstance(entry, _Refund):
+    elif isinstance(entry, RefundEntry):
         if not rnd.charges:
             found.append(f"{where}: refunds nothing: no charge for task {entry.task} stands before it")
             return
         _check_same(where, "refund", entry, rnd.charges[0], "account", rnd.charges[0].account, found)
 
 
-def _check_same(where: str, what: str, entry: _Clawback | _Refund, paid: _Credit | _Charge, name: str,
+def _check_same(where: str, what: str, entry: ClawbackEntry | RefundEntry, paid: CreditEntry | ChargeEntry, name: str,
                 account: str, found: list[str]) -> None:
     if entry.amount != paid.amount:
         found.append(f"{where}: {what} of {entry.amount} does not equal the {paid.amount} paid at seq {paid.seq}")
@@ -329,7 +358,7 @@ def _check_same(where: str, what: str, entry: _Clawback | _Refund, paid: _Credit
         found.append(f"{where}: job {entry.job} does not match job {paid.job} at seq {paid.seq}")
 
 
-def _check_against_record(credit: _Credit, record: _Accepted | None, task: _Task | None,
+def _check_against_record(credit: CreditEntry, record: _Accepted | None, task: _Task | None,
                           found: list[str]) -> None:
     if task is None:
         found.append(f"{credit.where()}: task {credit.task} is not in the coordinator's record of accepted results")
@@ -365,7 +394,7 @@ def _price(flops_per_row: int, rows: int) -> int:
     return credit_amount(ModelCost(flops_per_row), rows)
 
 
-def _check_charge(charge: _Charge, task: _Task | None, found: list[str]) -> None:
+def _check_charge(charge: ChargeEntry, task: _Task | None, found: list[str]) -> None:
     if task is None:
         found.append(f"{charge.where()}: task {charge.task} is not in the coordinator's record of accepted results")
         return
@@ -380,28 +409,89 @@ def _check_charge(charge: _Charge, task: _Task | None, found: list[str]) -> None
                      f"{task.submitter}")
 
 
-def _check_balances(parsed: Sequence[_Parsed], balances: Mapping[str, Any], found: list[str]) -> None:
-    """The contributors' view: per node, per owner and in total, credits net of clawbacks (a
-    clawback subtracts its amount and one entry, as `ledger.entries.Balances` says)."""
-    want_nodes: dict[tuple[str, ...], tuple[int, ...]] = {}
-    want_owners: dict[tuple[str, ...], tuple[int, ...]] = {}
-    total = count = 0
-    for c in parsed:
-        kind = type(c)  # exact types, no property calls: this loop runs once per entry
-        if kind is _Credit:
-            sign, account = 1, c.owner  # type: ignore[union-attr]
-        elif kind is _Clawback:
-            sign, account = -1, c.account
-        else:
-            continue
-        amount = sign * c.amount
-        key = (c.node, account)  # type: ignore[union-attr]
-        have, entries = want_nodes.get(key, (0, 0))
-        want_nodes[key] = (have + amount, entries + sign)
-        have, entries = want_owners.get((account,), (0, 0))
-        want_owners[(account,)] = (have + amount, entries + sign)
-        total, count = total + amount, count + sign
+@dataclass(eq=False, slots=True)
+class _Tally:
+    """What the entries add up to, summed in one pass (`_tally`)."""
 
+    nodes: dict[tuple[str, ...], list[int]] = field(default_factory=dict)  # (node, owner) -> [credits, entries]
+    owners: dict[str, list[int]] = field(default_factory=dict)  # owner -> [credits, entries]
+    total: int = 0
+    count: int = 0
+    accounts: dict[str, list[int]] = field(default_factory=dict)  # granted, earned, spent, clawed_back, refunded
+    granted: int = 0
+    unpaid: int = 0  # credits of jobs without a submitter, net of clawbacks
+    credited: set[tuple[str, str]] = field(default_factory=set)  # (task, node) of standing credits
+    charged: set[str] = field(default_factory=set)  # tasks of standing charges
+    charges_off: list[str] = field(default_factory=list)  # charges that differ from their round's credits
+
+
+_ACCOUNT_FIELDS: Final = {GrantEntry: 0, CreditEntry: 1, ChargeEntry: 2, ClawbackEntry: 3, RefundEntry: 4}
+"""Where each kind adds in an account's row (granted, earned, spent, clawed_back, refunded)."""
+
+
+def _tally(items: Sequence[ParsedEntry | str], rounds: Sequence[_Round | None], tasks: Mapping[str, _Task]) -> _Tally:
+    """Every well-formed entry counts towards the sums, repeats included: the balances a coordinator
+    serves sum what its log holds, and the repeat itself is reported on its own. A standing entry
+    is one in a round not reversed."""
+    t = _Tally()
+    nodes, owners, accounts, credited, charged = t.nodes, t.owners, t.accounts, t.credited, t.charged
+    total = count = granted = unpaid = 0
+    for entry, rnd in zip(items, rounds, strict=True):
+        if isinstance(entry, (CreditEntry, ClawbackEntry)):
+            # The contributors' view: credits net of clawbacks (a clawback subtracts its amount
+            # and one entry, as `ledger.entries.Balances` says).
+            amount = entry.amount
+            if isinstance(entry, CreditEntry):
+                sign, signed, account, column = 1, amount, entry.owner, 1
+                if rnd is not None and rnd.ref is None:
+                    credited.add((entry.task, entry.node))
+            else:
+                sign, signed, account, column = -1, -amount, entry.account, 3
+            key = (entry.node, account)
+            have = nodes.get(key)
+            if have is None:
+                nodes[key] = [signed, sign]
+            else:
+                have[0] += signed
+                have[1] += sign
+            have = owners.get(account)
+            if have is None:
+                owners[account] = [signed, sign]
+            else:
+                have[0] += signed
+                have[1] += sign
+            total += signed
+            count += sign
+            task = tasks.get(entry.task)
+            if task is not None and not task.submitter:
+                unpaid += signed
+        elif isinstance(entry, str):
+            continue
+        else:
+            account, amount, column = entry.account, entry.amount, _ACCOUNT_FIELDS[type(entry)]
+            if isinstance(entry, ChargeEntry) and rnd is not None:
+                if rnd.ref is None:
+                    charged.add(entry.task)
+                due = 0
+                for credit in rnd.credits:
+                    due += credit.amount
+                if amount != due:
+                    t.charges_off.append(f"{entry.where()}: charge of {amount} does not equal the task's credits, "
+                                         f"{due}")
+            elif isinstance(entry, GrantEntry):
+                granted += amount
+        row = accounts.get(account)
+        if row is None:
+            row = accounts[account] = [0, 0, 0, 0, 0]
+        row[column] += amount
+    t.total, t.count, t.granted, t.unpaid = total, count, granted, unpaid
+    return t
+
+
+def _check_balances(tally: _Tally, balances: Mapping[str, Any], found: list[str]) -> None:
+    """The contributors' view: per node, per owner and in total, credits net of clawbacks."""
+    want_nodes = {key: tuple(row) for key, row in tally.nodes.items()}
+    want_owners: Rows = {(owner,): tuple(row) for owner, row in tally.owners.items()}
     got_nodes = _balance_rows(balances, "nodes", ("node", "owner"), ("credits", "entries"), found)
     got_owners = _balance_rows(balances, "owners", ("owner",), ("credits", "entries"), found)
     unnamed = "no entry credits it"
@@ -409,6 +499,7 @@ def _check_balances(parsed: Sequence[_Parsed], balances: Mapping[str, Any], foun
                   unnamed=unnamed)
     _compare_rows(want_owners, got_owners, lambda k: f"owner {k[0]}", _credits_phrase, found, unnamed=unnamed)
 
+    total, count = tally.total, tally.count
     if balances.get("total_credits") != total or not _is_int(balances.get("total_credits")):
         found.append(f"balance total_credits is {balances.get('total_credits')!r}, "
                      f"but the entries sum to {total}")
@@ -417,18 +508,9 @@ def _check_balances(parsed: Sequence[_Parsed], balances: Mapping[str, Any], foun
                      f"entries")
 
 
-_ACCOUNT_FIELDS: Final = {_Grant: 0, _Credit: 1, _Charge: 2, _Clawback: 3, _Refund: 4}
-"""Where each kind adds in an account's row (granted, earned, spent, clawed_back, refunded)."""
-
-
-def _check_accounts(parsed: Sequence[_Parsed], tasks: Mapping[str, _Task], balances: Mapping[str, Any],
-                    found: list[str]) -> None:
+def _check_accounts(tally: _Tally, balances: Mapping[str, Any], found: list[str]) -> None:
     """The double entry: each account's row against its entries, and conservation of credit."""
-    want: dict[tuple[str, ...], tuple[int, ...]] = {}
-    for entry in parsed:
-        row = list(want.get((entry.account,), (0, 0, 0, 0, 0)))
-        row[_ACCOUNT_FIELDS[type(entry)]] += entry.amount
-        want[(entry.account,)] = tuple(row)
+    want: Rows = {(account,): tuple(row) for account, row in tally.accounts.items()}
     fields = ("granted", "earned", "spent", "clawed_back", "refunded", "balance")
     # An account row names clawed_back and refunded only when not zero (ledger.entries.AccountBalance).
     got_full = _balance_rows(balances, "accounts", ("account",), fields, found, optional=("clawed_back", "refunded"))
@@ -438,7 +520,7 @@ def _check_accounts(parsed: Sequence[_Parsed], tasks: Mapping[str, _Task], balan
     got = {key: row[:5] for key, row in got_full.items()}
     _compare_rows(want, got, lambda k: f"account {k[0]}", _account_phrase, found, unnamed="no entry names it")
 
-    total_granted = sum(e.amount for e in parsed if isinstance(e, _Grant))
+    total_granted = tally.granted
     reported = balances.get("total_granted")
     if reported != total_granted or not _is_int(reported):
         found.append(f"balance total_granted is {reported!r}, but the grants sum to {total_granted}")
@@ -447,8 +529,7 @@ def _check_accounts(parsed: Sequence[_Parsed], tasks: Mapping[str, _Task], balan
         return  # already reported: there is nothing to add up
     # Credits of jobs without a submitter are paid by nobody (internal use, until every job has
     # one): they are the only credit that may exist beyond what was granted. Net of clawbacks.
-    unpaid = sum(e.amount if isinstance(e, _Credit) else -e.amount for e in parsed
-                 if isinstance(e, _Credit | _Clawback) and e.task in tasks and not tasks[e.task].submitter)
+    unpaid = tally.unpaid
     held = sum(row[5] for row in got_full.values())
     off = held - total_granted - unpaid
     if off:
@@ -503,7 +584,25 @@ def _balance_rows(balances: Mapping[str, Any], section: str, key_fields: tuple[s
         found.append(f"balances have no {section!r} list")
         return {}
     result: dict[tuple[str, ...], tuple[int, ...]] = {}
+    width = len(key_fields)
+    # The common row, a dict with every field of its exact type, is checked in C calls only; any
+    # other row goes the careful way below, which says what is wrong with it.
+    getter = operator.itemgetter(*key_fields, *int_fields) if not optional else None
+    types = (str,) * width + (int,) * len(int_fields)
     for index, row in enumerate(rows, start=1):
+        if getter is not None and type(row) is dict:
+            try:
+                values = getter(row)
+            except KeyError:
+                pass
+            else:
+                if tuple(map(type, values)) == types and "" not in values:
+                    key = values[:width]
+                    if key in result:
+                        found.append(f"balance lists {section[:-1]} {' / '.join(key)} twice")
+                    else:
+                        result[key] = values[width:]
+                    continue
         key = _strings(row, key_fields)
         if isinstance(key, str) or not all(_is_int(row.get(f, 0 if f in optional else None)) for f in int_fields):
             found.append(f"balance row #{index} of {section!r} is malformed: {row!r}")
@@ -515,10 +614,28 @@ def _balance_rows(balances: Mapping[str, Any], section: str, key_fields: tuple[s
     return result
 
 
-def _accepted_records(accepted: Sequence[Mapping[str, Any]], found: list[str]) -> list[_Accepted]:
-    records: list[_Accepted] = []
+_ACCEPTED_NAMES: Final = ("task", "job", "node", "owner", "task_state")
+_ACCEPTED_GET: Final = operator.itemgetter(*_ACCEPTED_NAMES)
+
+
+def _accepted_index(accepted: Sequence[Mapping[str, Any]],
+                    found: list[str]) -> tuple[dict[tuple[str, str], _Accepted], dict[str, _Task]]:
+    """The accepted results by (task, node), the last row winning; and each task as its first
+    row says."""
+    by_key: dict[tuple[str, str], _Accepted] = {}
+    tasks: dict[str, _Task] = {}
     for index, raw in enumerate(accepted, start=1):
-        fields = _strings(raw, ("task", "job", "node", "owner", "task_state"))
+        fields: tuple[str, ...] | str | None = None
+        if type(raw) is dict:  # the common row, in C calls only: a dict with five non-empty str
+            try:
+                fields = _ACCEPTED_GET(raw)
+            except KeyError:
+                pass
+            else:
+                if tuple(map(type, fields)) != _FIVE_STR or "" in fields:
+                    fields = None
+        if fields is None:
+            fields = _strings(raw, _ACCEPTED_NAMES)
         if isinstance(fields, str):
             found.append(f"accepted result #{index} is malformed: {fields}")
             continue
@@ -529,10 +646,16 @@ def _accepted_records(accepted: Sequence[Mapping[str, Any]], found: list[str]) -
         task, job, node, owner, task_state = fields
         digest = raw.get("output_digest")
         flops, rows = raw.get("flops_per_row"), raw.get("rows")
-        price = (flops, rows) if _is_int(flops) and flops > 0 and _is_int(rows) and rows >= 0 else None
-        records.append(_Accepted(task, job, node, owner, task_state, submitter,
-                                 digest if isinstance(digest, str) else "", price))
-    return records
+        price = (flops, rows) if (type(flops) is int or _is_int(flops)) and flops > 0 \
+            and (type(rows) is int or _is_int(rows)) and rows >= 0 else None
+        by_key[(task, node)] = _Accepted(task, job, node, owner, task_state, submitter,
+                                         digest if isinstance(digest, str) else "", price)
+        if task not in tasks:
+            tasks[task] = _Task(job, task_state, submitter)
+    return by_key, tasks
+
+
+_FIVE_STR: Final = (str,) * 5
 
 
 _FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
@@ -542,7 +665,62 @@ _FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
 issue 8, and absent from the JSON then)."""
 
 
-def _parse_entry(raw: object) -> _Parsed | str:
+_FAST: Final[Mapping[str, tuple[Callable[[Mapping[str, Any]], Any], tuple[type, ...]]]] = {
+    # kind -> (the fields the parsed entry is built from, in its order; their exact types)
+    "credit": (operator.itemgetter("seq", "node", "owner", "job", "task", "amount"), (int, str, str, str, str, int)),
+    "charge": (operator.itemgetter("seq", "account", "job", "task", "amount"), (int, str, str, str, int)),
+    "grant": (operator.itemgetter("seq", "account", "key", "amount"), (int, str, str, int)),
+    "clawback": (operator.itemgetter("seq", "account", "node", "job", "task", "amount", "ref"),
+                 (int, str, str, str, str, int, str)),
+    "refund": (operator.itemgetter("seq", "account", "job", "task", "amount", "ref"), (int, str, str, str, int, str)),
+}
+
+
+def parse_entries(entries: Iterable[object]) -> list[ParsedEntry | str]:
+    """Each entry as `find_discrepancies` reads it, or what is wrong with it.
+
+    An entry as the coordinator writes it (a dict whose fields have their exact JSON types) is
+    checked in a few C calls; anything else, or anything that fails them, goes through
+    `_parse_entry`, which accepts exactly the same entries and says what is wrong with the others.
+    A ledger has millions of entries: this is most of the cost of checking one."""
+    out: list[ParsedEntry | str] = []
+    append = out.append
+    fast = _FAST.get
+    for raw in entries:
+        item: ParsedEntry | None = None
+        if type(raw) is dict:
+            kind = raw.get("kind")
+            spec = fast(kind) if type(kind) is str else None
+            if spec is not None:
+                getter, types = spec
+                values: tuple[Any, ...]
+                try:
+                    values = getter(raw)
+                except KeyError:
+                    values = ()
+                ref = raw.get("ref", "")
+                # Exact types (no bool for an int, no str subclass) and no empty name: what
+                # _parse_entry demands, and what it would build from.
+                if tuple(map(type, values)) == types and "" not in values and type(ref) is str:
+                    if kind == "credit":
+                        digest = raw.get("result_digest", "")
+                        if type(digest) is str:
+                            seq, node, owner, job, task, amount = values
+                            item = CreditEntry(seq, node, owner, job, task, amount, ref, digest)
+                    elif kind == "charge":
+                        seq, account, job, task, amount = values
+                        item = ChargeEntry(seq, account, job, task, amount, ref)
+                    elif kind == "grant":
+                        item = GrantEntry(*values)
+                    elif kind == "clawback":
+                        item = ClawbackEntry(*values)
+                    else:
+                        item = RefundEntry(*values)
+        append(_parse_entry(raw) if item is None else item)
+    return out
+
+
+def _parse_entry(raw: object) -> ParsedEntry | str:
     """A well-formed entry of a known kind, or what is wrong with it."""
     if type(raw) is not dict and not isinstance(raw, Mapping):  # the exact type first: ABC checks are slow
         return f"not an object: {raw!r}"
@@ -563,18 +741,18 @@ def _parse_entry(raw: object) -> _Parsed | str:
     if kind == "credit":
         node, owner, job, task = fields
         digest = raw.get("result_digest")
-        return _Credit(seq, node, owner, job, task, amount, ref, digest if isinstance(digest, str) else "")
+        return CreditEntry(seq, node, owner, job, task, amount, ref, digest if isinstance(digest, str) else "")
     if kind == "charge":
         account, job, task = fields
-        return _Charge(seq, account, job, task, amount, ref)
+        return ChargeEntry(seq, account, job, task, amount, ref)
     if kind == "clawback":
         account, node, job, task, ref = fields
-        return _Clawback(seq, account, node, job, task, amount, ref)
+        return ClawbackEntry(seq, account, node, job, task, amount, ref)
     if kind == "refund":
         account, job, task, ref = fields
-        return _Refund(seq, account, job, task, amount, ref)
+        return RefundEntry(seq, account, job, task, amount, ref)
     account, key = fields
-    return _Grant(seq, account, key, amount)
+    return GrantEntry(seq, account, key, amount)
 
 
 _GETTERS: dict[tuple[str, ...], Callable[[Mapping[str, Any]], Any]] = {}

@@ -17,7 +17,17 @@ import pytest
 
 from ledger.checkpoint import Checkpoint, Receipt, make_receipt, sign_checkpoint
 from ledger.credit import ModelCost, credit_amount
-from ledger.entries import Charge, Credit, Entry, Grant, LedgerRecord, balances_of, record_from_json
+from ledger.entries import (
+    Charge,
+    Credit,
+    Entry,
+    Grant,
+    LedgerRecord,
+    balances_of,
+    charge_for,
+    record_from_json,
+    reversal_of,
+)
 from ledger.errors import InvalidEntry
 from ledger.merkle import MerkleLog, leaf_hash, root_of
 from ledger.outside import Evidence, check, prefix_roots, sizes_to_prove
@@ -280,3 +290,54 @@ def test_prefix_roots_equal_the_trees_own_roots(size: int) -> None:
 
     assert roots == {n: log.root(n) for n in range(size + 1)}
     assert roots[size] == root_of(leaves)
+
+
+def every_kind() -> list[LedgerRecord]:
+    """One record of each kind, with and without a ref where a ref is optional."""
+    credits = [Credit(node="n1", owner="alice", job="j1", task="t0", amount=AMOUNT, result_digest="ab",
+                      created_at=1_700_000_000.25, ref=ref) for ref in ("", "lease-1")]
+    return [Grant(account="dave", amount=10**9, key="start:dave", memo="start", created_at=1.0), *credits,
+            charge_for(credits[:1], account="dave", created_at=1_700_000_000.5),
+            charge_for(credits[1:], account="dave", created_at=1_700_000_000.5),
+            *reversal_of(credits[1:], charge_for(credits[1:], account="dave", created_at=2.0), bad_lease="lease-1",
+                         reason="wrong outputs", created_at=1_700_000_001.999)]
+
+
+def test_entries_hash_to_their_leaves_however_they_are_served() -> None:
+    """Entries are hashed by a fast path, not by `record_from_json`, when served as the coordinator
+    serves them; served any other way they go the careful way. Either way the leaf must be the
+    record's own: otherwise an honest ledger would fail to verify, or a forged one pass."""
+    recs = every_kind()
+    docs = Ledger(recs).entries()
+    variants = [
+        docs,
+        [{**d, "ref": ""} if d["kind"] in ("credit", "charge") and "ref" not in d else d for d in docs],
+        [{**d, "created_at": int(d["created_at"])} if d["created_at"] == int(d["created_at"]) else d
+         for d in docs],  # an integral time served as an int hashes as the float it is
+        [{k: v for k, v in d.items() if k != "created_at_iso"} for d in docs],
+        [dict(sorted(d.items())) for d in docs],
+    ]
+    # These records are no consistent ledger (find_discrepancies has its say); only the hashing is
+    # under test here: every way of serving them must leave exactly the same sentences.
+    baseline = check(Ledger(recs).evidence())
+    assert baseline and not any("hash" in p or "checkpoint" in p for p in baseline)
+    for served in variants:
+        assert check(Ledger(recs).evidence(entries=served)) == baseline, served
+
+
+def test_a_hostile_entry_is_reported_and_never_hashed_by_the_fast_path() -> None:
+    """Attack: an entry whose fields the fast path could misread (a bool for an amount, a time too
+    large for a float, a time that disagrees with its ISO form, an unknown field): each is named as
+    a problem, nothing raises, and the other entries still verify against the checkpoint."""
+    recs = every_kind()
+    honest = Ledger(recs)
+    for index in range(len(recs)):
+        for change in ({"amount": True}, {"amount": 2**63}, {"created_at": 10**400}, {"created_at": float("inf")},
+                       {"created_at_iso": "1970-01-01T00:00:00.000Z"}, {"created_at_iso": None},
+                       {"extra": 1}, {"memo": "x" * 1001}, {"reason": 5}, {"ref": 7}):
+            docs = honest.entries()
+            docs[index] = {**docs[index], **change}
+
+            problems = check(replace(honest.evidence(), entries=docs))
+
+            assert any(p.startswith(f"entry #{index + 1} cannot be hashed: ") for p in problems), (index, change)

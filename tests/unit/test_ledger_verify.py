@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ledger.entries import Charge, Credit, Entry, Grant, LedgerRecord, balances_of, charge_for
+from ledger.entries import Charge, Credit, Entry, Grant, LedgerRecord, balances_of, charge_for, reversal_of
 from ledger.verify import find_discrepancies
 
 DIGEST = "cd" * 32
@@ -414,3 +414,33 @@ def test_an_entry_of_unknown_kind_is_malformed() -> None:
 
     assert found[0] == ("entry #1 is malformed: field 'kind' is 'gift', "
                         "not one of credit, charge, grant, clawback, refund")
+
+
+class _Name(str):
+    """A str subclass: no JSON decoder makes one, so the fast path leaves it to the careful parser."""
+
+
+@pytest.mark.parametrize("value", [None, True, 0, -3, 1.5, "", "x", _Name("n1"), [], {}, "DELETE"])
+def test_the_fast_parser_reads_every_entry_as_the_careful_one(value: object) -> None:
+    """Entries are parsed by a fast path when they look as the coordinator writes them. Attack: an
+    entry crafted to slip through it (a bool for a seq, an empty or non-string name, a missing
+    field, a kind that is not a string) and be read differently than `_parse_entry` reads it: the
+    two must agree on every entry, sentence for sentence."""
+    from ledger.verify import _parse_entry, parse_entries
+
+    recs: list[LedgerRecord] = [Grant(account="dave", amount=10, key="k", memo="", created_at=1.0)]
+    credit = Credit(node="n1", owner="alice", job="j1", task="t1", amount=3, result_digest=DIGEST, created_at=2.0,
+                    ref="lease")
+    recs += [credit, charge_for([credit], account="dave", created_at=2.0),
+             *reversal_of([credit], charge_for([credit], account="dave", created_at=2.0), bad_lease="lease",
+                          reason="", created_at=3.0)]
+    docs = [Entry(seq, r).to_json() for seq, r in enumerate(recs, start=1)]
+    for doc in docs:
+        for name in [*doc, "ref", "result_digest"]:
+            changed = dict(doc)
+            if value == "DELETE":
+                changed.pop(name, None)
+            else:
+                changed[name] = value
+
+            assert parse_entries([changed]) == [_parse_entry(changed)], (name, value)
