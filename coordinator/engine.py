@@ -410,7 +410,15 @@ class Engine:
         ground truth: it is audited at the rate of its least trusted member (1.0 for untrusted
         nodes by default); a trusted node's result standing alone is audited now and then."""
         if any(self.trust.is_ground_truth(v.owner) for v in verdict.agreeing):
+            self._refute_errors(task, now_wall)
             self._verify(task, job, verdict, now_wall, checked=True)
+            return
+        if task.error_nodes:
+            # "Cannot run" against a result is a disagreement like any other: the coordinator's own
+            # run decides it, so a spammer's errors are shown false (and count against it) every time,
+            # not only when an audit happens to be drawn.
+            self._request_audit(task, job, verdict, f"a result contradicts errors reported by "
+                                                    f"{len(task.error_nodes)} node{'s' * (len(task.error_nodes) != 1)}")
             return
         rate = max(self.trust.audit_rate(v.node, v.owner) for v in verdict.agreeing)
         if self.trust.draw_audit(rate, self.rng):
@@ -476,11 +484,7 @@ class Engine:
 
     def _judge(self, task: TaskRecord, job: JobRecord, verdict: Accepted | None, truth: Vote,
                now_wall: float) -> None:
-        # Those who reported the task could not run were wrong: the coordinator ran it.
-        for node, owner in task.error_nodes:
-            self._punish(node, owner, "reported an error the coordinator's own run does not have", audited=True,
-                         now_wall=now_wall)
-        task.error_nodes.clear()
+        self._refute_errors(task, now_wall)
         right = [v for v in task.votes if agree(truth, v, job.spec.tolerance)]
         for v in task.votes:
             if v not in right:
@@ -502,6 +506,13 @@ class Engine:
         else:
             task.need = job.spec.replicas
             task.last_problem = "results differed from the coordinator's own run"
+
+    def _refute_errors(self, task: TaskRecord, now_wall: float) -> None:
+        """Those who reported the task could not run were wrong: ground truth has its outputs."""
+        for node, owner in task.error_nodes:
+            self._punish(node, owner, "reported an error the coordinator's own run does not have", audited=True,
+                         now_wall=now_wall)
+        task.error_nodes.clear()
 
     def _punish(self, node: str, owner: str, problem: str, *, audited: bool, now_wall: float) -> None:
         penalty = self.trust.failed(node, owner, problem, audited=audited, now=now_wall)

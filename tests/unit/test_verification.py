@@ -205,6 +205,22 @@ def test_errors_from_one_owner_never_fail_a_task_and_a_liars_errors_are_disprove
     assert not any(c.node == "e" for d in net.decided() for c in d.credits)
 
 
+def test_a_spammers_errors_are_disproved_even_when_the_result_against_them_would_stand_unaudited() -> None:
+    # Attack: once honest nodes are trusted their results are audited rarely; a spammer whose
+    # "cannot run" lost only to unaudited results used to keep a clean record (errors, never invalid).
+    net = Net(TrustPolicy(trusted_after=3, min_audit_rate=0.01))
+    honest_nodes: dict[str, tuple[str, Answer]] = {"h1": ("o1", honest), "h2": ("o2", honest)}
+    net.job(10)
+    net.run(honest_nodes)
+    assert all(net.engine.trust.trusted(n, o) for n, (o, _) in honest_nodes.items())
+    job = net.job(30)
+    net.run({"e": ("spammer", lambda a: "cannot run"), **honest_nodes})
+    assert job.state is JobState.DONE and job.failed == 0
+    record = net.engine.trust.nodes["e"]
+    assert record.errors >= 3 and record.invalid == record.errors  # every error shown false
+    assert record.valid == 0
+
+
 def test_a_hoarder_holds_two_leases_at_most_and_loses_them_when_silent() -> None:
     # Attack: claim 4,096 slots, take leases, never answer.
     net = Net(silence=5.0)
