@@ -69,7 +69,8 @@ async def mqtt_reference(broker_port: int, count: int = 5000) -> float:
         return received / (last - t0)
 
 
-def start_network(group: ProcessGroup, tmp: Path, coordinator_args: list[str]) -> tuple[str, int]:
+def start_network(group: ProcessGroup, tmp: Path, coordinator_args: list[str],
+                  node_args: list[str]) -> tuple[str, int]:
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     broker_port, http_port = free_port(), free_port()
     if Path(mosquitto).exists():
@@ -87,7 +88,8 @@ def start_network(group: ProcessGroup, tmp: Path, coordinator_args: list[str]) -
     for owner in ("alice", "bob"):
         group.start("node", ["--broker", broker, "--coordinator", url, "--key", str(tmp / f"{owner}.key"),
                              "--owner", owner, "--slots", "1", "--cache-dir", str(tmp / owner),
-                             "--log-level", "WARNING", "--idle-only", "false"],  # one machine: see tests/conftest.py
+                             # --idle-only false: one machine, see tests/conftest.py
+                             "--log-level", "WARNING", "--idle-only", "false", *node_args],
                     ready=r"node ready", name=f"node-{owner}")
     return url, broker_port
 
@@ -150,17 +152,24 @@ async def bench(url: str, broker_port: int, args: argparse.Namespace) -> None:
             print(f"rows/s, {name}, {rows} rows in tasks of {task_size or 'auto'}: network (k=2) {n:,.0f}, "
                   f"local onnxruntime {lo:,.0f}; ratio {n / lo:.3f} (k=2 computes every row twice: ideal 0.5)")
 
-        lat = []
+        lat: list[float] = []
+        steps: list[tuple[float, float, float]] = []
         one = rng.standard_normal((1, 8)).astype(np.float32)
         for _ in range(args.latency_runs):
             t0 = time.perf_counter()
             job = await c.submit(model, {"x": one}, task_size=1)
+            t1 = time.perf_counter()
             await c.wait(job["job"], poll=10.0, timeout=60)
+            t2 = time.perf_counter()
             await c.outputs(job["job"])
-            lat.append((time.perf_counter() - t0) * 1000)
+            t3 = time.perf_counter()
+            lat.append((t3 - t0) * 1000)
+            steps.append(((t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000))
         q = statistics.quantiles(lat, n=100)
+        submit, wait, fetch = (statistics.median(s) for s in zip(*steps, strict=True))
         print(f"submit-to-result latency, one-task job ({args.latency_runs} runs): "
-              f"p50 {statistics.median(lat):.2f} ms, p99 {q[98]:.2f} ms")
+              f"p50 {statistics.median(lat):.2f} ms, p99 {q[98]:.2f} ms "
+              f"(medians: submit {submit:.2f}, run and verify {wait:.2f}, outputs {fetch:.2f} ms)")
         counters = await _health(url)
         verified = counters.get("task_verified", 0)
         if verified:
@@ -184,11 +193,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--coordinator-args", default="", metavar="ARGS",
                    help="extra coordinator flags, e.g. '--no-adaptive' to run every task on k=2 owners")
+    p.add_argument("--node-args", default="", metavar="ARGS",
+                   help="extra node flags, e.g. '--nice 0': the run workers' default lowest priority makes them "
+                        "wait behind the coordinator and this client when all share one machine's cores")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sparecycles-bench-"))
     try:
         with ProcessGroup(tmp / "logs") as group:
-            url, broker_port = start_network(group, tmp, shlex.split(args.coordinator_args))
+            url, broker_port = start_network(group, tmp, shlex.split(args.coordinator_args),
+                                             shlex.split(args.node_args))
             asyncio.run(bench(url, broker_port, args))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
