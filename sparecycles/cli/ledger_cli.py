@@ -33,7 +33,7 @@ from ledger.errors import InvalidEntry
 from ledger.merkle import InvalidProof, leaf_hash, verify_inclusion
 from ledger.outside import Evidence, check, sizes_to_prove
 from node.receipts import CHECKPOINT_FILE, read_receipts
-from protocol.cliparse import OneLineParser
+from protocol.cliparse import OneLineParser, positive_int
 
 from ..sdk import Client
 from .tables import fmt, print_table
@@ -70,14 +70,14 @@ def add_parsers(ledger_sub: argparse._SubParsersAction[OneLineParser],
     job.add_argument("job", metavar="JOB")
     checkpoint = ledger_sub.add_parser("checkpoint", help="the newest checkpoint the coordinator signed")
     proof = ledger_sub.add_parser("proof", help="the inclusion proof of entry SEQ, checked against the checkpoint")
-    proof.add_argument("seq", metavar="SEQ", type=_positive_int)
-    proof.add_argument("--size", type=_positive_int, default=None, metavar="N",
+    proof.add_argument("seq", metavar="SEQ", type=positive_int)
+    proof.add_argument("--size", type=positive_int, default=None, metavar="N",
                        help="prove against the tree of N entries (default: the newest checkpoint's size)")
     export = ledger_sub.add_parser("export", help="the whole ledger as JSON Lines or CSV")
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     export.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
                         help="write here (replaced whole at the end) instead of standard output")
-    export.add_argument("--upto", type=_positive_int, default=None, metavar="SEQ", help="entries up to SEQ only")
+    export.add_argument("--upto", type=positive_int, default=None, metavar="SEQ", help="entries up to SEQ only")
     verify = ledger_sub.add_parser(
         "verify", help="check the ledger from outside: signatures, history, entries, receipts, balances",
         description="Fetch the newest signed checkpoint, then every entry, accepted result and balance up to "
@@ -96,16 +96,6 @@ def add_parsers(ledger_sub: argparse._SubParsersAction[OneLineParser],
         if p is not verify:
             p.add_argument("--json", action="store_true", help="print the coordinator's JSON")
     add_coordinator(export)
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
 
 
 # -- inspection ------------------------------------------------------------------------------------------

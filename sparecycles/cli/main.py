@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
-from protocol.cliparse import OneLineParser
+from protocol.cliparse import OneLineParser, positive_int
 from protocol.signing import Identity
 from sparecycles.errors import (
     BadNpz,
@@ -74,16 +74,6 @@ class CliExit(Exception):
 # -- parser ----------------------------------------------------------------------------------------
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
 def _positive_float(value: str) -> float:
     try:
         x = float(value)
@@ -132,11 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("model", metavar="MODEL.onnx")
     submit.add_argument("inputs", metavar="INPUTS.npz", help="one array per ONNX input name, rows on axis 0")
     _add_coordinator(submit)
-    submit.add_argument("--replicas", type=_positive_int, metavar="K", help="nodes that must agree per task")
-    submit.add_argument("--task-size", type=_positive_int, metavar="N", help="rows per task")
+    submit.add_argument("--replicas", type=positive_int, metavar="K", help="nodes that must agree per task")
+    submit.add_argument("--task-size", type=positive_int, metavar="N", help="rows per task")
     submit.add_argument("--final", choices=["argmax", "exact", "none"], help="how results are compared")
     submit.add_argument("--timeout", type=_positive_float, metavar="S", help="stop waiting after S seconds")
-    submit.add_argument("--deadline", type=_positive_int, metavar="S",
+    submit.add_argument("--deadline", type=positive_int, metavar="S",
                         help="seconds for every task to be decided, else the job fails with the reason "
                              "(default: the coordinator's --job-deadline)")
     submit.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="where to write the outputs")

@@ -15,9 +15,7 @@ import json
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,24 +343,9 @@ def test_progress_lines_are_throttled_but_the_final_one_always_shows() -> None:
 # -- the CLI over HTTP -----------------------------------------------------------------------------
 
 
-@contextmanager
-def serving(fake: FakeCoordinator) -> Iterator[str]:
+def serving(fake: FakeCoordinator) -> AbstractContextManager[str]:
     """The fake on a real socket in a thread, for `main()`, which runs its own event loop."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(fake.app())
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
+    return serving_app(fake.app())
 
 
 def write_submission(tmp_path: Path) -> tuple[Path, Path]:
