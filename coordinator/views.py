@@ -10,8 +10,9 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
+
+from ledger.entries import iso_time as ledger_iso_time
 
 JOB_STATES: Final = ("running", "done", "failed", "all")
 DEFAULT_LIST_LIMIT: Final = 50
@@ -32,9 +33,7 @@ class BadQuery(ValueError):
 
 def iso_time(seconds: float | None) -> str | None:
     """Wall-clock seconds as ISO 8601 UTC to the millisecond (None stays None)."""
-    if seconds is None:
-        return None
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return None if seconds is None else ledger_iso_time(seconds)
 
 
 def parse_listing(state: str | None, limit: str | None) -> tuple[str, int]:
