@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from protocol.npz import from_npz
+from protocol.npz import from_npz, to_npz
 from tests import models
 
 from .network import Network, submitter
@@ -83,3 +86,34 @@ def test_usage_errors_exit_2_with_one_line(network: Network, tmp_path: Path) -> 
     assert missing_dir.returncode == 2 and "does not exist" in missing_dir.stderr
     unknown = cli("outputs", "0123456789abcdef", "-o", str(tmp_path / "o.npz"), "--coordinator", network.url)
     assert unknown.returncode == 2 and unknown.stderr.startswith("sparecycles: the coordinator refused")
+
+
+def test_ctrl_c_on_submit_asks_nothing_leaves_the_job_running_and_says_how_to_get_back_to_it(
+        network: Network, tmp_path: Path) -> None:
+    """No nodes, so the job waits; Ctrl-C (SIGINT) must neither hang on a question nor cancel the job
+    (the submitter may only want their terminal back), and must say how to follow or cancel it."""
+    x = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
+    (tmp_path / "m.onnx").write_bytes(models.classifier())
+    (tmp_path / "in.npz").write_bytes(to_npz({"x": x}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparecycles", "submit", str(tmp_path / "m.onnx"), str(tmp_path / "in.npz"),
+         "--task-size", "8", "-o", str(tmp_path / "out.npz"), "--coordinator", network.url],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # the first progress line: the job is on the coordinator
+        assert first.startswith("job ") and "0/2 tasks verified" in first, first
+        job = first.split()[1].rstrip(":")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err, err
+    assert f"job {job} keeps running" in err and f"sparecycles cancel {job}" in err \
+        and f"sparecycles status {job} --follow" in err, err
+    status = json.loads(cli("status", job, "--json", "--coordinator", network.url).stdout)
+    assert status["state"] == "running", status  # interrupting the client did not cancel the job
+    assert not (tmp_path / "out.npz").exists()
