@@ -13,7 +13,7 @@ import aiomqtt
 from aiohttp import web
 
 from protocol.cliparse import OneLineParser
-from protocol.logformat import ENV_LOG_FORMAT, LOG_FORMATS, make_handler
+from protocol.logformat import ENV_LOG_FORMAT, LOG_FORMATS, announce, make_handler
 
 from .app import make_app
 from .broker_acl import BrokerAclError, parse_admin
@@ -162,7 +162,7 @@ def _public_key(value: str) -> str:
     raise ValueError(f"--operator {value!r} is not a 64-hex Ed25519 public key (`sparecycles key FILE` shows one)")
 
 
-async def serve(settings: CoordinatorSettings) -> None:
+async def serve(settings: CoordinatorSettings, *, log_format: str = "text") -> None:
     app = make_app(settings)
     # A stuck long poll must not hold up SIGTERM for aiohttp's default 60 s.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
@@ -179,8 +179,9 @@ async def serve(settings: CoordinatorSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await _wait_for_broker(coordinator, settings)
-    print(f"coordinator ready http://{settings.http_host}:{settings.http_port} id={coordinator.identity.id} "
-          f"prefix={coordinator.topics.prefix}", file=sys.stderr, flush=True)
+    print(announce(f"coordinator ready http://{settings.http_host}:{settings.http_port} "
+                   f"id={coordinator.identity.id} prefix={coordinator.topics.prefix}", log_format, "coordinator"),
+          file=sys.stderr, flush=True)
     await stop.wait()
     await runner.cleanup()
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     root.handlers[:] = [make_handler(sys.stderr, args.log_format)]
     root.setLevel(args.log_level)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, log_format=args.log_format))
     except LedgerRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ import sys
 
 from protocol.cliparse import OneLineParser
 from protocol.errors import ProtocolError
-from protocol.logformat import ENV_LOG_FORMAT, LOG_FORMATS
+from protocol.logformat import ENV_LOG_FORMAT, LOG_FORMATS, announce
 
 from . import config, logs
 from .errors import NodeError
@@ -74,7 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
     return config.load(vars(args), os.environ).settings
 
 
-async def _serve(settings: NodeSettings, board: StatusBoard) -> int:
+async def _serve(settings: NodeSettings, board: StatusBoard, log_format: str) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     main_task = asyncio.current_task()
@@ -90,8 +90,8 @@ async def _serve(settings: NodeSettings, board: StatusBoard) -> int:
 
     def on_ready(node_id: str) -> None:
         # tests and scripts wait for this exact line
-        print(f"node ready id={node_id} owner={settings.owner} slots={settings.slots}",
-              file=sys.stderr, flush=True)
+        print(announce(f"node ready id={node_id} owner={settings.owner} slots={settings.slots}", log_format,
+                       "node"), file=sys.stderr, flush=True)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         board = StatusBoard(status_path(settings.key_path), settings=settings)
         board.write()
         try:
-            code = asyncio.run(_serve(settings, board))
+            code = asyncio.run(_serve(settings, board, args.log_format))
         except KeyboardInterrupt:  # a signal before the handlers were installed
             code = EXIT_INTERRUPTED
     return code

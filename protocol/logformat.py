@@ -97,3 +97,14 @@ def make_handler(stream: Any, log_format: str) -> logging.Handler:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     return handler
+
+
+def announce(line: str, log_format: str, logger: str) -> str:
+    """A process's "... ready" line as its log format writes lines: the text as it is, or one JSON
+    object (level INFO, the text as `msg`, its key=value pairs as fields). Printed whatever the log
+    level, because supervisors and scripts wait for it; in JSON mode every line of the stream then
+    parses, and `msg` still starts with the words they look for."""
+    if log_format != "json":
+        return line
+    record = logging.LogRecord(logger, logging.INFO, __file__, 0, line, None, None)
+    return JsonFormatter().format(record)

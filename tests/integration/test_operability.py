@@ -125,7 +125,10 @@ def test_a_coordinator_without_its_broker_says_so_reports_degraded_and_refuses_j
                 assert (await c.submit(digest, {"x": x}, task_size=10))["tasks"] == 2
 
         asyncio.run(scenario())
-        logged = [json.loads(t) for t in coordinator.log_text().splitlines() if t.startswith("{")]
+        lines = [t for t in coordinator.log_text().splitlines() if t.strip()]
+        logged = [json.loads(t) for t in lines]  # every line, the ready line too: a collector parses them all
+        ready = next(d for d in logged if d["msg"].startswith("coordinator ready"))
+        assert ready["level"] == "INFO" and ready["id"] and ready["prefix"], ready
         created = [d for d in logged if d["msg"].startswith("job created")]
         assert len(created) == 2 and all(d["level"] == "INFO" and d["job"] and d["tasks"] == "2" for d in created)
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from node import logs
-from protocol.logformat import JsonFormatter, kv, make_handler
+from protocol.logformat import JsonFormatter, announce, kv, make_handler
 
 
 def record(msg: Any, *args: Any, level: int = logging.INFO, name: str = "sparecycles.coordinator",
@@ -89,3 +89,11 @@ def test_the_node_configures_json_on_the_root_logger() -> None:
 def test_an_unknown_log_format_is_refused() -> None:
     with pytest.raises(ValueError, match="text, json"):
         make_handler(io.StringIO(), "xml")
+
+
+def test_a_ready_line_is_its_text_or_one_json_object_that_still_begins_with_its_words() -> None:
+    line = "node ready id=abc123 owner=alice slots=2"
+    assert announce(line, "text", "node") == line
+    doc = json.loads(announce(line, "json", "node"))
+    assert doc["msg"] == line and doc["level"] == "INFO" and doc["logger"] == "node"
+    assert (doc["id"], doc["owner"], doc["slots"]) == ("abc123", "alice", "2")
