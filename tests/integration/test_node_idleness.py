@@ -9,10 +9,11 @@ the test keeps the two loads far apart and puts the threshold between them:
 - the network's load stays low: the second node runs one slot capped at 50 % of a core (the
   daemon's own duty cycle), and both owners are trusted so the coordinator audits nothing;
   measured from the busy node, "other" stays around 30 % of the machine;
-- the hog is one spinning process per core. It reads as 100 % once the run workers' nice 19 holds
-  across sessions; today each worker is its own session, hence its own scheduler autogroup at
-  nice 0, so it keeps ~1/3 of the CPU against the hog and the hog reads only 62-76 %.
-The threshold is 60 %: above the network, below the hog even so. An unrelated load on the box above
+- the hog is one spinning process per core. It reads as about 100 %: each run worker leads its own
+  session, hence its own scheduler autogroup, and sets that group's nice to 19 as well
+  (protocol/sandbox.py), so it gives way to the hog. (Before that it kept ~1/3 of the CPU against
+  the hog, which read only 62-76 %.)
+The threshold is 60 %: above the network, well below the hog. An unrelated load on the box above
 it suspends the node early; the test then waits (it needs the node working before the hog starts,
 and a suspension for the hog's reason) instead of failing on a wrong one.
 """
