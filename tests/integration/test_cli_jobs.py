@@ -101,8 +101,11 @@ def test_ctrl_c_on_submit_asks_nothing_leaves_the_job_running_and_says_how_to_ge
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
-        first = proc.stderr.readline()  # the first progress line: the job is on the coordinator
-        assert first.startswith("job ") and "0/2 tasks verified" in first, first
+        seen: list[str] = []
+        while not (first := proc.stderr.readline()).startswith("job "):  # the first progress line:
+            assert first and len(seen) < 20, seen  # the job is on the coordinator
+            seen.append(first)
+        assert "0/2 tasks verified" in first, first
         job = first.split()[1].rstrip(":")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
