@@ -42,6 +42,14 @@ CONNECT_TIMEOUT = 5.0  # seconds to open a connection (an unreachable host would
 COMMAND_TIMEOUT = 30.0  # seconds for one statement: a batch of a few thousand ops takes well under one
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What the pool does to a connection given back, after asyncpg has rolled back any open
+    transaction (it does that whatever this does). Its default also sends `pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL`: a round trip per release, most of the statements this store
+    sends outside a batch, for session state it never makes (its locks are transaction-scoped; no
+    cursors, listeners or SETs). So: nothing."""
+
+
 class PostgresStore(CoordinatorStore):
     def __init__(self, url: str, *, pool_size: int = POOL_SIZE, connect_timeout: float = CONNECT_TIMEOUT,
                  command_timeout: float = COMMAND_TIMEOUT) -> None:
@@ -66,7 +74,7 @@ class PostgresStore(CoordinatorStore):
             if self._pool is None:
                 self._pool = await asyncpg.create_pool(
                     self._url, min_size=0, max_size=self._pool_size, timeout=self._connect_timeout,
-                    command_timeout=self._command_timeout,
+                    command_timeout=self._command_timeout, reset=_keep_session,
                     server_settings={"application_name": "sparecycles-coordinator"})  # in pg_stat_activity
             if not self._migrated:
                 async with self._pool.acquire(timeout=self._connect_timeout) as conn:
