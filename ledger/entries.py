@@ -72,9 +72,13 @@ def _check_ref(kind: str, ref: object) -> None:
 
 
 def _check_time(kind: str, created_at: object) -> None:
-    if isinstance(created_at, bool) or not isinstance(created_at, int | float) \
-            or not math.isfinite(created_at):
-        raise InvalidEntry(f"{kind} created_at must be a finite number, got {created_at!r}")
+    try:
+        finite = not isinstance(created_at, bool) and isinstance(created_at, int | float) \
+            and math.isfinite(created_at)
+    except OverflowError:  # an integer beyond any float (math.isfinite converts it first)
+        finite = False
+    if not finite:
+        raise InvalidEntry(f"{kind} created_at must be a finite number, got {created_at!r:.40}")
 
 
 def _pack(fields: list[object]) -> bytes:

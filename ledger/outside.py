@@ -170,10 +170,6 @@ def _leaf_hashes(entries: Sequence[Mapping[str, Any]], items: Sequence[ParsedEnt
                 problems.append(f"entry #{index + 1} cannot be hashed: {exc}")
                 append(_UNHASHABLE)
                 continue
-            except OverflowError as exc:  # an integer time beyond any float: math.isfinite raises
-                problems.append(f"entry #{index + 1} cannot be hashed: a number in it is out of range ({exc})")
-                append(_UNHASHABLE)
-                continue
         seq = raw.get("seq")
         if not out_of_place and (seq != index + 1 or isinstance(seq, bool)):
             problems.append(f"entry #{index + 1} has seq {seq!r:.40}: the served entries are not seq 1..{size} "

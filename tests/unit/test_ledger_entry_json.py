@@ -108,6 +108,7 @@ def credit_json(**change: object) -> dict[str, object]:
     (credit_json(ref=None), "ref must be a string"),
     (credit_json(created_at="2023-11-14"), "created_at must be a finite number"),
     (credit_json(created_at=float("inf"), created_at_iso=DROP), "created_at must be a finite number"),
+    (credit_json(created_at=10 ** 400, created_at_iso=DROP), "created_at must be a finite number"),
     ({"kind": "grant", "account": "a", "amount": 1, "key": "k", "memo": 5, "created_at": 1.0}, "memo must be"),
 ])
 def test_malformed_json_is_refused_with_a_sentence(value: object, sentence: str) -> None:
