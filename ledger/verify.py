@@ -227,7 +227,7 @@ def _rounds(items: Sequence[ParsedEntry | str]) -> tuple[dict[int, tuple[int, st
             append(None)
             continue
         else:
-            key = _unique_key(entry)
+            key = _reversal_or_grant_key(entry)
         first = first_seq.get(key)
         if first is not None:
             repeats[index] = (first, _REPEATED[type(entry)])
@@ -257,12 +257,9 @@ def _rounds(items: Sequence[ParsedEntry | str]) -> tuple[dict[int, tuple[int, st
     return repeats, out
 
 
-def _unique_key(entry: ParsedEntry) -> tuple[str, ...]:
-    """The key each kind is exactly-once by (as `ledger.entries.UniqueKey`)."""
-    if isinstance(entry, CreditEntry):
-        return ("credit", entry.task, entry.node, entry.ref)
-    if isinstance(entry, ChargeEntry):
-        return ("charge", entry.task, entry.ref)
+def _reversal_or_grant_key(entry: ClawbackEntry | RefundEntry | GrantEntry) -> tuple[str, ...]:
+    """The key these kinds are exactly-once by (as `ledger.entries.UniqueKey`); credits' and
+    charges', the bulk of a ledger, are built inline in `_rounds`."""
     if isinstance(entry, ClawbackEntry):
         return ("clawback", entry.task, entry.node, entry.ref)
     if isinstance(entry, RefundEntry):
